@@ -1,0 +1,528 @@
+#!/usr/bin/env python3
+"""Reference run of RecBole 1.2.1 (SASRec / GRU4Rec / Caser) on *our* prepared split.
+
+Runs under ``.venv-recbole/bin/python`` (made by ``scripts/setup_recbole_venv.sh``);
+it must not import ``idle_ray`` (RecBole 1.2.1 needs numpy<2, idle_ray numpy 2).
+
+Usage::
+
+    .venv-recbole/bin/python benchmarks/recbole_reference.py \\
+        --prepared runs/prepared/ml100k --model SASRec --seed 0 --epochs 300 \\
+        --out artifacts/recbole/ml100k_SASRec_seed0.json
+    # speed only: N training epochs, no evaluation
+    .venv-recbole/bin/python benchmarks/recbole_reference.py \\
+        --prepared runs/prepared/ml1m --model SASRec --time-epochs 3 \\
+        --out artifacts/recbole/ml1m_SASRec_time.json
+
+Input (the lead's ``jobs/prepare.py`` output): ``DIR/manifest.json`` (``num_users``,
+``num_items``), ``DIR/sequences/part-*.parquet`` with ``user`` (dense 1..U) and ``items``
+(dense 1..N, chronological, full sequence; last = test target, second-to-last = valid
+target).
+
+How the split is reproduced exactly
+-----------------------------------
+A RecBole atomic file ``<name>.inter`` is written to a temp dir with columns
+``user_id:token item_id:token timestamp:float`` where ``timestamp`` is the item's
+*position* in the user's sequence (0, 1, 2, ...).  Our dense ids are used as tokens.
+RecBole sorts by (user, timestamp) -- unique per user, so no tie ambiguity -- and
+its sequential data augmentation turns each user's sequence ``i_0 .. i_{n-1}`` into
+samples ``(i_0..i_{t-1}) -> i_t`` for ``t = 1..n-1`` (history truncated to the last
+``MAX_ITEM_LIST_LENGTH = 50`` items).  ``eval_args.split = {LS: valid_and_test}``,
+``order TO``, ``group_by user`` then makes the sample with target ``i_{n-2}`` the valid
+one and target ``i_{n-1}`` the test one (history = everything before, truncated to 50),
+all others training -- the same leave-last-two-out split our prepared data defines.
+No filtering is applied (our data is already k-core filtered).  If some item id in
+1..num_items never occurs in a sequence, a ``<name>.item`` file listing every id is
+also written so that RecBole's catalogue has exactly ``num_items`` items.
+
+Config: RecBole's documented defaults (``properties/overall.yaml``,
+``properties/dataset/sample.yaml`` and the model's ``properties/model/<Model>.yaml``:
+e.g. SASRec 2 layers, 2 heads, hidden 64, inner 256, dropout 0.5/0.5; GRU4Rec emb 64,
+hidden 128, 1 layer, dropout 0.3; Caser emb 64, nv 4, nh 8, dropout 0.4, reg 1e-4;
+Adam lr 1e-3, no weight decay) plus the standard sequential protocol: CE loss with no
+negative sampling, full ranking, metrics Hit/NDCG/MRR @ 1,5,10,20, early stopping on
+valid NDCG@10 with ``stopping_step 10`` (evaluated every epoch), ``train_batch_size``
+2048, ``eval_batch_size`` 4096, CPU, ``seed``.  Deviations that do not change the
+algorithm: ``show_progress False`` (no tqdm bars), the best model's weights are kept
+in memory instead of a checkpoint file (RecBole 1.2.1's own reload uses ``torch.load``
+without ``weights_only=False`` and fails on torch >= 2.6), and RecBole's command-line
+config parsing is disabled (it would otherwise pick up ``--key=value`` flags).
+
+Output JSON (written atomically: temp file + rename)::
+
+    {model, seed, valid: {...}, test: {...}, best_epoch, train_seconds,
+     seconds_per_epoch, recbole_version, config, ...}
+
+``valid``/``test`` are RecBole's own numbers (rounded by RecBole to
+``metric_decimal_place = 4``), keys lower-case: ``hr@k`` (RecBole's ``Hit``),
+``ndcg@k``, ``mrr@k`` for k in 1, 5, 10, 20.  RecBole only has truncated MRR@k (0 when
+the target is outside the top k); there is no untruncated MRR in RecBole.
+``valid_pessimistic``/``test_pessimistic`` are recomputed by this script from the very
+same score matrices at full precision with *pessimistic* ties (our protocol):
+``rank = #{scores > s_target} + #{other items with score == s_target}`` (0-based),
+``hr@k = rank < k``, ``ndcg@k = 1/log2(rank+2)`` if ``rank < k``, ``mrr@k`` likewise,
+and full ``mrr = 1/(rank+1)``; ``tie_fraction`` is the share of users whose target
+shares its score with at least one other item.
+``best_epoch`` is RecBole's 0-based epoch index of the best valid NDCG@10 (RecBole keeps
+the *later* epoch on equal rounded scores: ``value >= best``).  ``train_seconds`` is the
+wall time of ``Trainer.fit`` (training + per-epoch validation); ``seconds_per_epoch``
+is the median wall time of the training part of one epoch (no evaluation);
+``epoch_train_seconds`` lists them all.
+
+``--time-epochs N``: trains N epochs (no evaluation, no early stopping) and writes
+``{epoch_seconds: [...], median, ...}``.
+
+How RecBole 1.2.1 ranks and breaks ties (read from recbole/evaluator/collector.py,
+recbole/evaluator/metrics.py, recbole/trainer/trainer.py, recbole/data/dataloader/)
+------------------------------------------------------------------------------------
+* Scores: ``Trainer._full_sort_batch_eval`` gets ``model.full_sort_predict`` scores for
+  every item, sets the padding item 0 to ``-inf`` and, for *sequential* models, masks
+  nothing else: ``FullSortEvalDataLoader.collate_fn`` returns ``history_index = None``
+  when ``MODEL_TYPE`` is SEQUENTIAL, so items already in the user's history stay
+  rankable (the valid target is also rankable in the test ranking).
+* Top-k: ``Collector.eval_batch_collect`` takes ``torch.topk(scores, max(topk))`` and
+  marks the positions of the positive item in that list (``pos_index``).  Hit, NDCG and
+  MRR are then computed from ``pos_index`` alone.  Ties are therefore **not handled
+  deliberately at all**: among items with equal scores, the target's position is
+  whatever order ``torch.topk`` returns them in -- unspecified by PyTorch (on CPU it is
+  a partial sort, not a stable one), in effect arbitrary.  It is neither our
+  pessimistic rule (a tied target counted below every item it ties with) nor an
+  optimistic one, and it can differ from the pessimistic rank only when the target ties
+  with another item; ``tie_fraction`` in the output measures how often that happens
+  (with float32 scores from these models it is normally 0).
+* Hit@k = 1 if the target is in the top k; NDCG@k = 1/log2(p+1) for 1-based position p
+  <= k (one positive, so IDCG = 1); MRR@k = 1/p if p <= k else 0.  Per-user values are
+  averaged over users and rounded to ``metric_decimal_place`` (4) decimals;
+  ``valid_metric`` comparisons for early stopping use the rounded value.
+* (Not used here: ``_average_rank`` in the collector, which averages tied ranks, feeds
+  only the AUC/GAUC "rec.meanrank" metrics.)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("SASRec", "GRU4Rec", "Caser")
+DATASET_NAME = "idle_prepared"  # no recbole/properties/dataset/<name>.yaml applies
+
+
+# --------------------------------------------------------------------------- input
+def read_prepared(prepared: Path):
+    """Return (manifest, users int64[U], list of int64 item arrays) from our prepared dir."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    parts = sorted((prepared / "sequences").glob("part-*.parquet"))
+    if not parts:
+        raise SystemExit(f"no sequences/part-*.parquet under {prepared}")
+    users, seqs = [], []
+    for part in parts:
+        table = pq.read_table(part, columns=["user", "items"])
+        users.append(table.column("user").to_numpy().astype(np.int64))
+        col = table.column("items").combine_chunks()
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy().astype(np.int64)
+        seqs.extend(values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1))
+    users = np.concatenate(users)
+    return manifest, users, seqs
+
+
+def validate(manifest, users, seqs, log):
+    import numpy as np
+
+    if len(np.unique(users)) != len(users):
+        raise SystemExit("duplicate user ids in sequences")
+    num_users = int(manifest.get("num_users", len(users)))
+    num_items = int(manifest["num_items"])
+    if len(users) != num_users:
+        log.warning("manifest num_users=%d but %d sequences", num_users, len(users))
+    lens = np.array([len(s) for s in seqs])
+    if (lens < 3).any():
+        log.warning("%d users have < 3 items (no training sample under leave-two-out)",
+                    int((lens < 3).sum()))
+    lo = min(int(s.min()) for s in seqs)
+    hi = max(int(s.max()) for s in seqs)
+    if lo < 1 or hi > num_items:
+        raise SystemExit(f"item ids outside 1..{num_items}: min {lo}, max {hi}")
+    present = np.zeros(num_items + 1, dtype=bool)
+    for s in seqs:
+        present[s] = True
+    missing = int((~present[1:]).sum())
+    return num_items, int(lens.sum()), missing
+
+
+def write_atomic_files(workdir: Path, users, seqs, num_items: int, write_item_file: bool):
+    """Write <data_path>/<name>/<name>.inter (timestamp = position in sequence)."""
+    import numpy as np
+
+    ddir = workdir / "data" / DATASET_NAME
+    ddir.mkdir(parents=True)
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    u = np.repeat(users, lens)
+    it = np.concatenate(seqs)
+    starts = np.repeat(np.cumsum(lens) - lens, lens)
+    pos = np.arange(len(it), dtype=np.int64) - starts
+    with open(ddir / f"{DATASET_NAME}.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        np.savetxt(f, np.stack([u, it, pos], axis=1), fmt="%d", delimiter="\t")
+    if write_item_file:
+        with open(ddir / f"{DATASET_NAME}.item", "w") as f:
+            f.write("item_id:token\n")
+            np.savetxt(f, np.arange(1, num_items + 1), fmt="%d")
+    return workdir / "data"
+
+
+# ----------------------------------------------------------------------- RecBole
+def import_recbole():
+    import torch
+    import recbole
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    # Importing RecBole's sequential models imports recbole/model/sequential_recommender/
+    # sine.py, which calls torch.autograd.set_detect_anomaly(True) at module level, i.e.
+    # globally for the whole process (~25% slower training).  Import the package
+    # explicitly now and switch anomaly detection back off right after.
+    import recbole.model.sequential_recommender  # noqa: F401
+
+    torch.autograd.set_detect_anomaly(False)
+    return torch, recbole, Config, create_dataset, data_preparation, get_model, get_trainer, init_seed
+
+
+def build_config_dict(args, data_path: Path, workdir: Path, write_item_file: bool, epochs: int):
+    load_col = {"inter": ["user_id", "item_id", "timestamp"]}
+    if write_item_file:
+        load_col["item"] = ["item_id"]
+    return {
+        # data
+        "data_path": str(data_path),
+        "checkpoint_dir": str(workdir / "saved"),
+        "USER_ID_FIELD": "user_id",
+        "ITEM_ID_FIELD": "item_id",
+        "TIME_FIELD": "timestamp",
+        "load_col": load_col,
+        # no filtering: our data is already k-core filtered
+        "rm_dup_inter": None,
+        "val_interval": None,
+        "filter_inter_by_user_or_item": False,
+        "user_inter_num_interval": "[0,inf)",
+        "item_inter_num_interval": "[0,inf)",
+        "MAX_ITEM_LIST_LENGTH": 50,
+        # standard sequential protocol
+        "eval_args": {
+            "split": {"LS": "valid_and_test"},
+            "order": "TO",
+            "group_by": "user",
+            "mode": "full",
+        },
+        "train_neg_sample_args": None,
+        "loss_type": "CE",
+        "metrics": ["Hit", "NDCG", "MRR"],
+        "topk": [1, 5, 10, 20],
+        "valid_metric": "NDCG@10",
+        "stopping_step": 10,
+        "epochs": epochs,
+        "train_batch_size": 2048,
+        "eval_batch_size": 4096,
+        # environment
+        "device": "cpu",
+        "use_gpu": False,
+        "gpu_id": "",
+        "seed": args.seed,
+        "reproducibility": True,
+        "show_progress": False,
+        "log_wandb": False,
+        "state": "INFO",
+    }
+
+
+def jsonable(value):
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+def rename_metrics(result) -> dict:
+    out = {}
+    for key, val in result.items():
+        key = key.lower()
+        if key.startswith("hit@"):
+            key = "hr@" + key[4:]
+        out[key] = float(val)
+    return out
+
+
+def pessimistic_metrics(ranks, topk) -> dict:
+    """ranks: 0-based pessimistic ranks (torch int64 tensor, one per user)."""
+    import torch
+
+    r = ranks.double()
+    out = {}
+    for k in topk:
+        hit = (r < k).double()
+        out[f"hr@{k}"] = float(hit.mean())
+    for k in topk:
+        out[f"ndcg@{k}"] = float(torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean())
+    for k in topk:
+        out[f"mrr@{k}"] = float(torch.where(r < k, 1.0 / (r + 1.0), torch.zeros_like(r)).mean())
+    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    return out
+
+
+def make_trainer_class(base):
+    """Subclass of RecBole's trainer: best weights in memory, per-epoch timing, and
+    pessimistic ranks of every evaluated target (from the same score matrix RecBole uses)."""
+    from time import perf_counter
+
+    import torch
+
+    class ReferenceTrainer(base):
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            self.epoch_train_seconds = []
+            self.epoch_valid_seconds = []
+            self.best_epoch = None
+            self._best_state = None
+            self._rank_chunks = []
+            self._tie_count = 0
+            collector = self.eval_collector
+            orig_collect = collector.eval_batch_collect
+
+            def collect(scores_tensor, interaction, positive_u, positive_i):
+                target = scores_tensor[positive_u, positive_i].unsqueeze(1)
+                greater = (scores_tensor > target).sum(dim=1)
+                ties = (scores_tensor == target).sum(dim=1) - 1
+                rank = torch.zeros(scores_tensor.shape[0], dtype=torch.long)
+                rank[positive_u] = (greater + ties).cpu().long()  # one positive per row
+                self._rank_chunks.append(rank)
+                self._tie_count += int((ties > 0).sum())
+                return orig_collect(scores_tensor, interaction, positive_u, positive_i)
+
+            collector.eval_batch_collect = collect
+
+        # RecBole calls this whenever the valid metric ties/improves (and never
+        # otherwise during fit): keep the weights in memory instead of a .pth file.
+        def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+            self.best_epoch = epoch
+            self._best_state = (
+                copy.deepcopy(self.model.state_dict()),
+                copy.deepcopy(self.model.other_parameter()),
+            )
+
+        def restore_best(self):
+            state, other = self._best_state
+            self.model.load_state_dict(state)
+            self.model.load_other_parameter(other)
+
+        def _train_epoch(self, *args, **kwargs):
+            t0 = perf_counter()
+            out = super()._train_epoch(*args, **kwargs)
+            self.epoch_train_seconds.append(perf_counter() - t0)
+            return out
+
+        def _valid_epoch(self, *args, **kwargs):
+            t0 = perf_counter()
+            out = super()._valid_epoch(*args, **kwargs)
+            self.epoch_valid_seconds.append(perf_counter() - t0)
+            return out
+
+        def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+            self._rank_chunks = []
+            self._tie_count = 0
+            result = super().evaluate(eval_data, load_best_model=load_best_model,
+                                      model_file=model_file, show_progress=show_progress)
+            self.last_ranks = torch.cat(self._rank_chunks) if self._rank_chunks else None
+            self.last_tie_fraction = (self._tie_count / len(self.last_ranks)) if self._rank_chunks else None
+            return result
+
+    return ReferenceTrainer
+
+
+def write_json_atomic(path: Path, payload: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepared", required=True, type=Path, help="our prepared dataset dir")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=300,
+                   help="max epochs (early stopping on valid NDCG@10, patience 10); RecBole default 300")
+    p.add_argument("--out", required=True, type=Path, help="result JSON path")
+    p.add_argument("--time-epochs", type=int, default=None, metavar="N",
+                   help="speed mode: train N epochs without evaluation, report each epoch's wall time")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir with the atomic files")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("recbole_reference")
+    prepared = args.prepared.resolve()
+    out_path = args.out.resolve()
+    if args.time_epochs is not None and args.time_epochs < 1:
+        raise SystemExit("--time-epochs must be >= 1")
+
+    torch, recbole, Config, create_dataset, data_preparation, get_model, get_trainer, init_seed = import_recbole()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    manifest, users, seqs = read_prepared(prepared)
+    num_items, num_inter, missing_items = validate(manifest, users, seqs, log)
+    write_item_file = missing_items > 0
+    if write_item_file:
+        log.warning("%d item ids never occur in sequences; writing a .item file so the "
+                    "catalogue still has %d items", missing_items, num_items)
+
+    workdir = Path(tempfile.mkdtemp(prefix="recbole_ref_"))
+    old_cwd = os.getcwd()
+    try:
+        data_path = write_atomic_files(workdir, users, seqs, num_items, write_item_file)
+        del seqs
+        # RecBole writes ./log_tensorboard (and would write ./log) relative to the cwd.
+        os.chdir(workdir)
+        epochs = args.time_epochs if args.time_epochs is not None else args.epochs
+        config_dict = build_config_dict(args, data_path, workdir, write_item_file, epochs)
+        saved_argv = sys.argv
+        sys.argv = sys.argv[:1]  # keep RecBole from parsing our --flags as config
+        try:
+            config = Config(model=args.model, dataset=DATASET_NAME, config_dict=config_dict)
+        finally:
+            sys.argv = saved_argv
+        torch.autograd.set_detect_anomaly(False)  # belt and braces (see import_recbole)
+
+        init_seed(config["seed"], config["reproducibility"])
+        dataset = create_dataset(config)
+        log.info("%s", dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+        if dataset.item_num != num_items + 1:  # + RecBole's [PAD] item 0
+            log.warning("RecBole item_num %d != num_items %d + 1", dataset.item_num, num_items)
+
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        trainer = make_trainer_class(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
+        assert not torch.is_anomaly_enabled(), "autograd anomaly detection must be off"
+
+        common = {
+            "model": args.model,
+            "seed": args.seed,
+            "prepared": str(prepared),
+            "dataset": manifest.get("dataset", manifest.get("name")),
+            "num_users": int(len(users)),
+            "num_items": num_items,
+            "num_interactions": num_inter,
+            "recbole_item_num": int(dataset.item_num),
+            "recbole_user_num": int(dataset.user_num),
+            "train_samples": len(train_data._dataset),
+            "valid_samples": len(valid_data._dataset),
+            "test_samples": len(test_data._dataset),
+            "torch_num_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "recbole_version": recbole.__version__,
+        }
+
+        if args.time_epochs is not None:
+            model.train()
+            epoch_seconds = []
+            for epoch_idx in range(args.time_epochs):
+                t0 = time.perf_counter()
+                loss = trainer._train_epoch(train_data, epoch_idx, show_progress=False)
+                epoch_seconds.append(time.perf_counter() - t0)
+                log.info("epoch %d: %.2fs loss %s", epoch_idx, epoch_seconds[-1], loss)
+            payload = {
+                "mode": "time_epochs",
+                **common,
+                "epoch_seconds": epoch_seconds,
+                "median": statistics.median(epoch_seconds),
+                "config": jsonable(config.final_config_dict),
+            }
+            write_json_atomic(out_path, payload)
+            log.info("median epoch %.2fs -> %s", payload["median"], out_path)
+            return 0
+
+        t0 = time.perf_counter()
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, verbose=True, saved=True, show_progress=False)
+        train_seconds = time.perf_counter() - t0
+
+        trainer.restore_best()
+        valid_again = trainer.evaluate(valid_data, load_best_model=False)
+        valid_ranks, valid_ties = trainer.last_ranks, trainer.last_tie_fraction
+        if dict(valid_again) != dict(best_valid_result):
+            log.warning("re-evaluated valid %s != best valid during fit %s",
+                        dict(valid_again), dict(best_valid_result))
+        test_result = trainer.evaluate(test_data, load_best_model=False)
+        test_ranks, test_ties = trainer.last_ranks, trainer.last_tie_fraction
+
+        topk = list(config["topk"])
+        payload = {
+            "mode": "train_eval",
+            **common,
+            "valid": rename_metrics(best_valid_result),
+            "test": rename_metrics(test_result),
+            "valid_pessimistic": pessimistic_metrics(valid_ranks, topk),
+            "test_pessimistic": pessimistic_metrics(test_ranks, topk),
+            "valid_tie_fraction": valid_ties,
+            "test_tie_fraction": test_ties,
+            "best_epoch": trainer.best_epoch,
+            "best_valid_score": float(best_valid_score),
+            "epochs_run": len(trainer.epoch_train_seconds),
+            "max_epochs": args.epochs,
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": statistics.median(trainer.epoch_train_seconds),
+            "epoch_train_seconds": trainer.epoch_train_seconds,
+            "valid_seconds_per_epoch": (statistics.median(trainer.epoch_valid_seconds)
+                                        if trainer.epoch_valid_seconds else None),
+            "config": jsonable(config.final_config_dict),
+        }
+        write_json_atomic(out_path, payload)
+        log.info("best epoch %s; valid %s; test %s -> %s", trainer.best_epoch,
+                 payload["valid"], payload["test"], out_path)
+        return 0
+    finally:
+        os.chdir(old_cwd)
+        if args.keep_workdir:
+            log.info("kept workdir %s", workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

