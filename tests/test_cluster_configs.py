@@ -18,6 +18,7 @@ import copy
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -285,6 +286,8 @@ def test_rayjob_entrypoint_runs_an_existing_job_and_config(path):
     missing = [p for p in (script, config) if not (REPO / p).is_file()]
     if missing:
         pytest.skip(f"{', '.join(missing)} not in the tree yet; this test checks them once they land")
+    if str(REPO) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on the path
+        sys.path.insert(0, str(REPO))
     from idle_ray.config import load_config
 
     cfg = load_config(REPO / config, overrides)  # unknown keys or bad values raise ConfigError

@@ -20,6 +20,15 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and it keeps the tests quick on a busy box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model(name, **overrides):
     torch.manual_seed(0)
     return build_id_model(name, NUM_ITEMS, **{**SMALL[name], **overrides}).eval()

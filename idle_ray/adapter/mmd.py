@@ -36,7 +36,7 @@ def median_pairwise_distance(points: Tensor, median_sample: int = 1024) -> Tenso
     n = points.shape[0]
     d2 = pairwise_sq_dists(points, points)
     iu = torch.triu_indices(n, n, offset=1, device=points.device)
-    med = d2[iu[0], iu[1]].median().sqrt()
+    med = d2[iu[0], iu[1]].sqrt().quantile(0.5)  # numpy-style median (mean of the middle two)
     return med.clamp_min(1e-6)  # identical points: any positive bandwidth gives MMD 0
 
 

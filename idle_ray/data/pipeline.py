@@ -19,7 +19,7 @@ from idle_ray.data.samples import SPLITS, build_samples
 
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
-                  shuffle: bool | None = None, seed: int | None = None) -> ray.data.Dataset:
+                  shuffle: bool | None = None, passes: int = 1) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
     ``extra_stage``: ``(CallableClass, constructor_kwargs)`` applied after windowing (runs in
@@ -30,8 +30,11 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
-    ds = ray.data.read_parquet(files, columns=["user", "items"], shuffle="files" if (
-        shuffle if shuffle is not None else split == "train") else None)
+    shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
+    ds = ray.data.read_parquet(files, columns=["user", "items"], shuffle=shuffle_files)
+    if passes > 1:
+        ds = ds.union(*[ray.data.read_parquet(files, columns=["user", "items"], shuffle=shuffle_files)
+                        for _ in range(passes - 1)])
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user},

@@ -1,0 +1,442 @@
+"""IDLE-Adapter: MMD numbers, hooks, frozen-stays-frozen, KV split = full forward, variants,
+prompt layout/truncation/validation, checkpoint round trip. Tiny backbones only (fast)."""
+
+import copy
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from idle_ray.adapter.alignment import DimensionAlignment
+from idle_ray.adapter.mmd import mmd2
+from idle_ray.adapter.model import VARIANTS, IDLEModel, is_trainable
+from idle_ray.adapter.refinement import (
+    LayerwiseRefinement,
+    capture_layer_inputs,
+    inject_layer_inputs,
+)
+from idle_ray.llm.backbone import load_backbone
+from idle_ray.llm.prompts import PromptEncoder, split_template
+from idle_ray.models.sasrec import SASRec
+
+NUM_ITEMS = 20
+TITLES = ["<pad>"] + [f"movie {i}" for i in range(1, NUM_ITEMS + 1)]
+TEMPLATE = "A user watched: {history}. {id_tokens} Next is"
+TINY = ["tiny-decoder", "tiny-gpt2", "tiny-encoder"]
+K = 3
+# where each tiny block's own input goes first: a pre-hook there sees the layer input *after*
+# the adapter's replacement (the adapter's own pre-hooks are registered later, run later)
+FIRST_CHILD = {"tiny-decoder": "input_layernorm", "tiny-gpt2": "ln_1", "tiny-encoder": "attention"}
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    return {name: load_backbone(name) for name in TINY}
+
+
+def make_sasrec(seed=0):
+    torch.manual_seed(seed)
+    return SASRec(NUM_ITEMS, hidden_size=16, max_len=8, dropout=0.0, attn_dropout=0.0)
+
+
+def histories(seed=0, batch=4, length=8):
+    rng = np.random.default_rng(seed)
+    out = np.zeros((batch, length), dtype=np.int64)
+    for b in range(batch):
+        n = 1 + (b * 3) % length  # ragged lengths: 1, 4, 7, 2 …
+        out[b, length - n :] = rng.integers(1, NUM_ITEMS + 1, n)
+    return out
+
+
+def make_batch(backbone, variant, seed=0, pad_to_max_tokens=True, max_tokens=120):
+    k = 0 if variant in ("llm_only", "llara") else K
+    encoder = PromptEncoder(backbone.tokenizer, TEMPLATE, k, 5, max_tokens, TITLES, backbone.kind,
+                            item_slots=(variant == "llara"), pad_to_max_tokens=pad_to_max_tokens)
+    hist = histories(seed)
+    target = np.random.default_rng(seed + 1).integers(1, NUM_ITEMS + 1, len(hist))
+    return encoder({"history": hist, "target": target})
+
+
+def make_model(backbone, variant="idle", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs = {"prompt_length": K, "projection_width": 16, "refine_width": 8, **kwargs}
+    return IDLEModel(backbone, make_sasrec(), variant=variant, **kwargs)
+
+
+def perturb_refinement(model, scale=0.3, seed=1):
+    """Move G_l off zero so every layer gets its own p^(l)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.adapter.refinement.blocks.values():
+            block.up.weight.copy_(torch.randn(block.up.weight.shape, generator=gen) * scale)
+
+
+def no_hooks_left(backbone):
+    return all(len(layer._forward_pre_hooks) == 0 for layer in backbone.layers)
+
+
+# ------------------------------------------------------------------------------------ MMD
+
+
+def brute_force_mmd2(x, y):
+    """Direct transcription of the estimator: explicit loops, float64."""
+    x, y = x.double().numpy(), y.double().numpy()
+    pooled = np.concatenate([x, y])
+    dists = [np.linalg.norm(a - b) for a, b in itertools.combinations(pooled, 2)]
+    sigma = np.median(dists)
+
+    def k(a, b):
+        d2 = np.sum((a - b) ** 2)
+        return sum(math.exp(-d2 / (2 * (sigma * s) ** 2)) for s in (0.25, 0.5, 1, 2, 4))
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_mmd_matches_hand_computed_estimator():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen)
+    y = torch.randn(4, 3, generator=gen) + 0.7
+    assert float(mmd2(x, y)) == pytest.approx(brute_force_mmd2(x, y), rel=1e-4, abs=1e-6)
+
+
+def test_mmd_same_distribution_near_zero_and_grows_with_mean_shift():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=gen)
+    x2 = torch.randn(400, 16, generator=gen)
+    self_mmd = float(mmd2(x, x))
+    assert -0.05 < self_mmd <= 0.0  # unbiased: the diagonal is excluded on one side only
+    assert abs(float(mmd2(x, x2))) < 0.03
+    shifts = [float(mmd2(x, x2 + shift)) for shift in (0.25, 0.5, 1.0)]
+    assert shifts[0] > 0.03
+    assert shifts[0] < shifts[1] < shifts[2]
+
+
+def test_mmd_gradient_flows_to_tokens_only_and_bandwidth_has_none():
+    gen = torch.Generator().manual_seed(0)
+    tokens = (torch.randn(8, 4, generator=gen) + 1.0).requires_grad_(True)
+    text = torch.randn(64, 4, generator=gen)
+    mmd2(tokens, text).backward()
+    assert tokens.grad is not None and torch.isfinite(tokens.grad).all() and tokens.grad.abs().sum() > 0
+    # a step along -grad lowers the MMD
+    with torch.no_grad():
+        stepped = tokens - 0.5 * tokens.grad
+    assert float(mmd2(stepped, text)) < float(mmd2(tokens.detach(), text))
+
+
+# ------------------------------------------------------------------------------------ modules
+
+
+def test_alignment_shape_and_refinement_starts_as_identity():
+    align = DimensionAlignment(id_dim=16, hidden_size=12, prompt_length=4, projection_width=8)
+    h = align(torch.randn(3, 16))
+    assert h.shape == (3, 4, 12) and h.abs().sum() > 0
+    refine = LayerwiseRefinement(12, [0, 2], bottleneck=5)
+    out = refine(h)
+    assert set(out) == {0, 2}
+    for p in out.values():
+        assert torch.equal(p, h)
+
+
+def test_hooks_replace_capture_and_are_removed_even_on_error(backbones):
+    bb = backbones["tiny-decoder"]
+    ids = torch.randint(7, 70, (2, 6))
+    values = torch.randn(2, bb.hidden_size)
+    b_idx, t_idx = torch.tensor([0, 1]), torch.tensor([2, 4])
+    seen = {}
+    handle = bb.layers[1].input_layernorm.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    try:
+        with inject_layer_inputs(bb.layers, {1: values}, b_idx, t_idx):
+            bb.model(input_ids=ids)
+    finally:
+        handle.remove()
+    assert torch.equal(seen["x"][b_idx, t_idx], values)
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_layer_inputs(bb.layers, [0, 1], b_idx, t_idx) as captured:
+            with inject_layer_inputs(bb.layers, {0: values}, b_idx, t_idx):
+                bb.model(input_ids=ids)
+                raise RuntimeError("boom")
+    assert set(captured) == {0, 1} and captured[0].shape == (2, bb.hidden_size)
+    assert not captured[0].equal(values)  # captured before the replacement
+    assert no_hooks_left(bb)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_zero_init_refinement_every_layer_receives_exactly_h(backbones, name):
+    bb = backbones[name]
+    model = make_model(bb, "idle")
+    batch = make_batch(bb, "idle")
+    seen = {}
+    handles = [
+        getattr(layer, FIRST_CHILD[name]).register_forward_pre_hook(
+            lambda m, a, kw, i=i: seen.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        for i, layer in enumerate(bb.layers)
+    ]
+    try:
+        model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        h = model.adapter.alignment(model.id_model.user_state(torch.as_tensor(batch["history"])))  # (B, k, D)
+    mask = torch.as_tensor(batch["attention_mask"])
+    first_real = int(torch.nonzero(mask.any(0))[0])
+    for layer in range(bb.num_layers):
+        hidden = seen[layer]  # last call: the tail pass for split decoders
+        for b in range(h.shape[0]):
+            if bb.kind == "decoder":
+                start = 0 if model.kv_split else int(batch["id_start"][b]) - first_real
+            else:
+                start = int(batch["id_start"][b])
+            assert torch.equal(hidden[b, start : start + K], h[b]), (layer, b)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_forward_backward(backbones, name, variant):
+    bb = backbones[name]
+    model = make_model(bb, variant).train()
+    out = model(make_batch(bb, variant), return_scores=True)
+    assert set(out) == {"loss", "ce", "mmd", "scores"}
+    assert out["scores"].shape == (4, NUM_ITEMS + 1) and torch.isinf(out["scores"][:, 0]).all()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["scores"][:, 1:]).all()
+    if variant in ("idle", "idle_no_refine"):
+        assert float(out["mmd"]) > 0
+        assert float(out["loss"]) == pytest.approx(float(out["ce"] + model.mmd_weight * out["mmd"]), rel=1e-6)
+    else:
+        assert float(out["mmd"]) == 0 and torch.equal(out["loss"], out["ce"])
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == is_trainable(n), n
+    assert model.adapter.head.weight.grad.abs().sum() > 0
+    if model.adapter.alignment is not None:
+        assert model.adapter.alignment.fc_out.weight.grad.abs().sum() > 0  # gradient reaches h
+    if model.adapter.item_proj is not None:
+        assert model.adapter.item_proj[2].weight.grad.abs().sum() > 0
+    assert no_hooks_left(bb)
+    assert not model.llm.training and not model.id_model.training
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encoder"])
+@pytest.mark.parametrize("variant", ["idle", "llara"])
+def test_only_adapter_params_change_and_detached_backbone_is_bare(backbones, name, variant):
+    bb = backbones[name]
+    probe = torch.randint(7, 70, (2, 9))
+    with torch.no_grad():
+        bare = bb.model(input_ids=probe).last_hidden_state.clone()
+    model = make_model(bb, variant).train()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if is_trainable(n)}
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    batch = make_batch(bb, variant)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    frozen = [n for n in before if not is_trainable(n)]
+    assert frozen and not changed.intersection(frozen)  # every LLM / ID-model tensor bit-identical
+    assert changed == set(model.adapter_state_dict())  # and every adapter tensor moved
+    assert no_hooks_left(bb)
+    with torch.no_grad():
+        assert torch.equal(bb.model(input_ids=probe).last_hidden_state, bare)
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-gpt2"])
+@pytest.mark.parametrize("variant", ["idle", "idle_no_refine"])
+def test_kv_split_forward_equals_full_forward(backbones, name, variant):
+    bb = backbones[name]
+    split = make_model(bb, variant, kv_split=True)
+    if split.adapter.refinement is not None:
+        perturb_refinement(split)
+    full = copy.copy(split)  # shares every module and parameter
+    full.kv_split = False
+    batch = make_batch(bb, variant, pad_to_max_tokens=False)
+    outs = []
+    for model in (split, full):
+        model.zero_grad()
+        torch.manual_seed(7)  # same MMD subsample
+        out = model(batch, return_scores=True)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs.append((out, grads))
+    (a, grads_a), (b, grads_b) = outs
+    torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["mmd"], b["mmd"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["loss"], b["loss"], atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4)
+
+
+def test_fixed_width_batches_are_trimmed_to_the_same_result(backbones):
+    for name in ("tiny-decoder", "tiny-encoder"):
+        bb = backbones[name]
+        model = make_model(bb, "idle_no_mmd")
+        wide = make_batch(bb, "idle_no_mmd", pad_to_max_tokens=True, max_tokens=150)
+        tight = make_batch(bb, "idle_no_mmd", pad_to_max_tokens=False, max_tokens=150)
+        assert wide["input_ids"].shape[1] == 150 > tight["input_ids"].shape[1]
+        torch.testing.assert_close(model.full_sort_predict(wide), model.full_sort_predict(tight))
+
+
+def test_llara_injects_mapped_item_embeddings_at_the_slots(backbones):
+    bb = backbones["tiny-decoder"]
+    model = make_model(bb, "llara")
+    batch = make_batch(bb, "llara", pad_to_max_tokens=False)
+    seen = {}
+    handle = bb.layers[0].input_layernorm.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    try:
+        model(batch)
+    finally:
+        handle.remove()
+    pos, items = torch.as_tensor(batch["item_pos"]), torch.as_tensor(batch["item_ids"])
+    b_idx, h_idx = torch.nonzero(pos >= 0, as_tuple=True)
+    assert len(b_idx) == int((torch.as_tensor(batch["history"])[:, -5:] > 0).sum())
+    with torch.no_grad():
+        expected = model.adapter.item_proj(model.id_model.item_table()[items[b_idx, h_idx]])
+    torch.testing.assert_close(seen["x"][b_idx, pos[b_idx, h_idx]], expected)
+
+
+def test_adapter_checkpoint_round_trip_is_exact(backbones, tmp_path):
+    bb = backbones["tiny-gpt2"]
+    model = make_model(bb, "idle", seed=0).train()
+    batch = make_batch(bb, "idle")
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    model(batch)["loss"].backward()
+    optimizer.step()
+    path = tmp_path / "adapter.safetensors"
+    model.save_adapter(path)
+    from safetensors.torch import load_file
+    saved = load_file(path)
+    assert set(saved) == set(model.adapter_state_dict()) and all(is_trainable(n) for n in saved)
+    other = make_model(bb, "idle", seed=1)
+    assert not all(torch.equal(v, other.adapter_state_dict()[n]) for n, v in saved.items())
+    other.load_adapter(path)
+    for n, v in model.adapter_state_dict().items():
+        assert torch.equal(v, other.adapter_state_dict()[n]), n
+    torch.testing.assert_close(other.full_sort_predict(batch), model.full_sort_predict(batch), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="variant"):
+        make_model(bb, "idle_no_mmd").load_adapter(path)
+    with pytest.raises(KeyError, match="missing"):
+        other.load_adapter_state_dict({})
+
+
+def test_batch_prompt_length_must_match_model(backbones):
+    bb = backbones["tiny-decoder"]
+    model = make_model(bb, "idle", prompt_length=K + 1)
+    with pytest.raises(ValueError, match="ID tokens"):
+        model(make_batch(bb, "idle"))
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def test_template_validation_errors():
+    assert split_template("a {history} b {id_tokens} c") == ("a ", " b ", " c")
+    for bad, match in [
+        ("no fields", "history"),
+        ("only {history}", "id_tokens"),
+        ("{id_tokens} before {history}", "after"),
+        ("{history} {history} {id_tokens}", "exactly once"),
+        ("{history} {id_tokens} {user}", "unknown"),
+        ("{history:>5} {id_tokens}", "format spec"),
+        ("{history} {id_tokens", "valid format"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            split_template(bad)
+
+
+def test_template_must_fit_max_tokens(backbones):
+    tok = backbones["tiny-decoder"].tokenizer
+    with pytest.raises(ValueError, match="max_tokens"):
+        PromptEncoder(tok, TEMPLATE, 8, 5, 20, TITLES, "decoder")
+
+
+def visible_text(tokenizer, out, row):
+    ids = out["input_ids"][row][out["text_mask"][row] == 1]
+    return "".join(tokenizer.convert_ids_to_tokens(ids.tolist()))
+
+
+def test_truncation_drops_oldest_titles_first(backbones):
+    tok = backbones["tiny-decoder"].tokenizer  # one token per character
+    titles = ["<pad>", "aaaa", "bbbb", "cccc", "dddd"]
+    hist = np.array([[0, 1, 2, 3, 4]])
+    fixed = len("A user watched:.") + K + len(" Next is")
+    # title costs: first " aaaa" = 5 tokens, each later one "," + " bbbb" = 6
+    for room, kept in [(100, "aaaa, bbbb, cccc, dddd"), (fixed + 23, "aaaa, bbbb, cccc, dddd"),
+                       (fixed + 22, "bbbb, cccc, dddd"), (fixed + 16, "cccc, dddd"),
+                       (fixed + 10, "dddd"), (fixed + 5, "dddd"), (fixed + 4, "")]:
+        enc = PromptEncoder(tok, TEMPLATE, K, 10, room, titles, "decoder")
+        out = enc(hist)
+        assert out["attention_mask"].sum() <= room
+        expected = f"a user watched: {kept}." if kept else "a user watched:."
+        assert visible_text(tok, out, 0) == expected + " next is", room
+    # max_history keeps only the most recent items
+    out = PromptEncoder(tok, TEMPLATE, K, 2, 100, titles, "decoder")(hist)
+    assert visible_text(tok, out, 0) == "a user watched: cccc, dddd. next is"
+
+
+def test_decoder_layout_aligns_id_tokens_and_ends_with_real_token(backbones):
+    tok = backbones["tiny-decoder"].tokenizer
+    enc = PromptEncoder(tok, TEMPLATE, K, 5, 120, TITLES, "decoder", pad_to_max_tokens=False)
+    out = enc(histories())
+    ids, mask = out["input_ids"], out["attention_mask"]
+    p = out["id_start"]
+    assert (p == p[0]).all() and (out["prefix_len"] == p).all() and (out["num_id_tokens"] == K).all()
+    assert (mask[:, -1] == 1).all() and (mask[:, p[0]:] == 1).all()
+    assert (np.diff(mask, axis=1) >= 0).all()  # left padding only
+    assert (ids[:, p[0]:] == ids[0, p[0]:]).all()  # same k placeholders + suffix in every row
+    assert (out["text_mask"][:, p[0] : p[0] + K] == 0).all()
+    for b in range(len(ids)):
+        prefix_text = "".join(tok.convert_ids_to_tokens(ids[b, :p[0]][mask[b, :p[0]] == 1].tolist()))
+        assert prefix_text.startswith("a user watched: ") and prefix_text.endswith(".")
+
+
+def test_encoder_layout_right_pads_with_specials(backbones):
+    tok = backbones["tiny-encoder"].tokenizer
+    enc = PromptEncoder(tok, TEMPLATE, K, 5, 120, TITLES, "encoder", pad_to_max_tokens=False)
+    out = enc(histories())
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert (np.diff(mask, axis=1) <= 0).all()  # right padding only
+    assert (ids[:, 0] == tok.cls_token_id).all()
+    lengths = mask.sum(1)
+    assert all(ids[b, lengths[b] - 1] == tok.sep_token_id for b in range(len(ids)))
+    assert len(set(out["id_start"].tolist())) > 1  # ragged histories, ragged ID position
+    assert (out["text_mask"][:, 0] == 0).all()
+
+
+def test_llara_slots_follow_their_titles(backbones):
+    tok = backbones["tiny-decoder"].tokenizer
+    enc = PromptEncoder(tok, TEMPLATE, 0, 5, 120, TITLES, "decoder", item_slots=True)
+    hist = histories()
+    out = enc(hist)
+    for b in range(len(hist)):
+        recent = [i for i in hist[b] if i][-5:]
+        pos, items = out["item_pos"][b], out["item_ids"][b]
+        assert items[items > 0].tolist() == recent and (pos >= 0).sum() == len(recent)
+        for col, item in zip(pos[pos >= 0], items[items > 0]):
+            assert out["input_ids"][b, col] == enc.placeholder_id and out["text_mask"][b, col] == 0
+            title = "".join(tok.convert_ids_to_tokens(out["input_ids"][b, col - len(TITLES[item]) : col].tolist()))
+            assert title == TITLES[item]
+
+
+def test_prompt_encoder_pickles_and_merges_dict_batches(backbones):
+    tok = backbones["tiny-encoder"].tokenizer
+    enc = PromptEncoder(tok, TEMPLATE, K, 5, 120, TITLES, "encoder")
+    hist = histories()
+    clone = pickle.loads(pickle.dumps(enc))
+    a, b = enc(hist), clone(hist)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    merged = enc({"history": hist, "target": np.arange(4)})
+    assert np.array_equal(merged["target"], np.arange(4)) and np.array_equal(merged["input_ids"], a["input_ids"])
