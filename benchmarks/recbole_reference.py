@@ -70,7 +70,10 @@ is the median wall time of the training part of one epoch (no evaluation);
 ``epoch_train_seconds`` lists them all.
 
 ``--time-epochs N``: trains N epochs (no evaluation, no early stopping) and writes
-``{epoch_seconds: [...], median, ...}``.
+``{epoch_seconds: [...], median, ...}``.  With ``--max-batches M`` each of the N epochs
+trains only its first M batches; ``measured_seconds`` holds those wall times and
+``epoch_seconds``/``median`` are scaled to a full epoch (``x batches_per_epoch / M``),
+flagged ``extrapolated: true`` -- for data sets whose full epochs take too long here.
 
 How RecBole 1.2.1 ranks and breaks ties (read from recbole/evaluator/collector.py,
 recbole/evaluator/metrics.py, recbole/trainer/trainer.py, recbole/data/dataloader/)
@@ -101,6 +104,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import math
@@ -384,6 +388,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path, help="result JSON path")
     p.add_argument("--time-epochs", type=int, default=None, metavar="N",
                    help="speed mode: train N epochs without evaluation, report each epoch's wall time")
+    p.add_argument("--max-batches", type=int, default=None, metavar="M",
+                   help="with --time-epochs: time only the first M batches of each epoch and "
+                        "scale to a full epoch (JSON says extrapolated: true)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir with the atomic files")
@@ -460,17 +467,28 @@ def main(argv=None):
 
         if args.time_epochs is not None:
             model.train()
-            epoch_seconds = []
+            batches_per_epoch = len(train_data)
+            limit = args.max_batches if args.max_batches and args.max_batches < batches_per_epoch else None
+            measured, epoch_seconds = [], []
             for epoch_idx in range(args.time_epochs):
+                data = train_data if limit is None else itertools.islice(train_data, limit)
                 t0 = time.perf_counter()
-                loss = trainer._train_epoch(train_data, epoch_idx, show_progress=False)
-                epoch_seconds.append(time.perf_counter() - t0)
-                log.info("epoch %d: %.2fs loss %s", epoch_idx, epoch_seconds[-1], loss)
+                loss = trainer._train_epoch(data, epoch_idx, show_progress=False)
+                measured.append(time.perf_counter() - t0)
+                # a truncated epoch is scaled up to the full number of batches
+                epoch_seconds.append(measured[-1] * (batches_per_epoch / limit if limit else 1.0))
+                log.info("epoch %d: %.2fs measured (%s batches), %.2fs per full epoch, loss %s",
+                         epoch_idx, measured[-1], limit or batches_per_epoch, epoch_seconds[-1], loss)
             payload = {
                 "mode": "time_epochs",
                 **common,
                 "epoch_seconds": epoch_seconds,
                 "median": statistics.median(epoch_seconds),
+                "batches_per_epoch": batches_per_epoch,
+                "extrapolated": limit is not None,
+                "batches_timed_per_epoch": limit or batches_per_epoch,
+                "measured_seconds": measured,
+                "seconds_per_batch_median": statistics.median(measured) / (limit or batches_per_epoch),
                 "config": jsonable(config.final_config_dict),
             }
             write_json_atomic(out_path, payload)

@@ -290,8 +290,8 @@ def to_dict(cfg) -> dict:
 
 
 def config_hash(cfg) -> str:
-    """Stable short hash of a (sub-)config, recorded with every result."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    """Stable short hash of a (sub-)config or plain dict, recorded with every result."""
+    blob = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -11,7 +11,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from idle_ray import cli  # noqa: E402
-from idle_ray.data.prepare import format_summary, prepare_dataset  # noqa: E402
+from idle_ray.data.prepare import format_summary  # noqa: E402
+from idle_ray.train.builders import prepare_from_config  # noqa: E402
 
 
 def main(argv=None):
@@ -19,10 +20,7 @@ def main(argv=None):
     p.add_argument("--no-stream", action="store_true", help="skip the Ray Data streaming check")
     args, cfg = cli.parse(p, argv)
     d = cfg.data
-    ds = prepare_dataset(d.dataset, d.output_dir, path=d.path, items_path=d.items_path,
-                         min_user_interactions=d.min_user_interactions,
-                         min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
-                         train_targets_per_user=d.train_targets_per_user)
+    ds = prepare_from_config(cfg)
     print(format_summary(ds))
     if not args.no_stream:
         import ray

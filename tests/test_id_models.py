@@ -169,8 +169,9 @@ def recbole_sasrec_state(model: SASRec, right_padded: torch.Tensor, lengths: tor
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(width // heads) + additive, dim=-1)
         context = (probs @ v).transpose(1, 2).reshape(batch, length, width)
         x = layer.attn_norm(layer.attn_out(context) + x)
-        gelu = lambda h: h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))  # RecBole's erf GELU
-        x = layer.ffn_norm(layer.ffn_out(gelu(layer.ffn_in(x))) + x)
+        hidden = layer.ffn_in(x)
+        hidden = hidden * 0.5 * (1.0 + torch.erf(hidden / math.sqrt(2.0)))  # RecBole's erf GELU
+        x = layer.ffn_norm(layer.ffn_out(hidden) + x)
     return x[torch.arange(batch), lengths - 1]
 
 

@@ -31,10 +31,12 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
     shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
-    ds = ray.data.read_parquet(files, columns=["user", "items"], shuffle=shuffle_files)
+    def read():
+        return ray.data.read_parquet(files, shuffle=shuffle_files).select_columns(["user", "items"])
+
+    ds = read()
     if passes > 1:
-        ds = ds.union(*[ray.data.read_parquet(files, columns=["user", "items"], shuffle=shuffle_files)
-                        for _ in range(passes - 1)])
+        ds = ds.union(*[read() for _ in range(passes - 1)])
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user},
@@ -42,7 +44,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     if extra_stage is not None:
         cls, kwargs = extra_stage
         ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", batch_size=batch_size,
-                            concurrency=1, num_cpus=0.25)
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     return ds
 
 

@@ -118,7 +118,7 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                 "rows_per_shard": rows_per_shard, "train_targets_per_user": train_targets_per_user,
                 "schema_version": SCHEMA_VERSION}
     fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    out_dir = Path(output_dir)
+    out_dir = Path(output_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
     final = out_dir / f"{dataset}-{fp[:12]}"
     if (final / "manifest.json").is_file():
         manifest = json.loads((final / "manifest.json").read_text())
@@ -225,7 +225,7 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
 
 
 def load_prepared(path: str | Path) -> PreparedDataset:
-    p = Path(path)
+    p = Path(path).expanduser().resolve()
     mf = p / "manifest.json"
     if not mf.is_file():
         raise DataError(p, None, "not a prepared dataset (no manifest.json)", "run jobs/prepare.py first")

@@ -34,6 +34,9 @@ class DataError(ValueError):
         where = f"{file}" + (f", field '{field}'" if field else "")
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
+    def __reduce__(self):  # picklable across Ray processes
+        return (DataError, (self.file, self.field, self.problem, self.fix))
+
 
 def package_file(dist: str, relative: str) -> Path:
     """Locate a data file inside an installed distribution without importing it."""

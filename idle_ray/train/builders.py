@@ -1,0 +1,126 @@
+"""Builders: the one place where config objects turn into modules (house rule 2).
+
+Everything below this file takes plain arguments.  A *task* is what the shared worker loop
+trains: an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss", ...parts}``, with
+``full_sort_predict(batch) -> (B, N+1)`` for evaluation and ``is_trainable(name)`` as the one
+predicate for ``requires_grad``, the optimizer and the checkpoint.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idle_ray.config import ExperimentConfig
+from idle_ray.data.prepare import PreparedDataset
+from idle_ray.models.registry import ID_MODELS, build_id_model
+
+
+class IDModelTask(nn.Module):
+    """Pre-training objective of an ID model: full-softmax next-item cross-entropy."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def is_trainable(name: str) -> bool:
+        return True
+
+    def forward(self, batch) -> dict:
+        loss = self.model.calculate_loss(batch["history"].long(), batch["target"].long())
+        return {"loss": loss, "ce": loss}
+
+    @torch.no_grad()
+    def full_sort_predict(self, batch) -> torch.Tensor:
+        return self.model.full_sort_predict(batch["history"].long())
+
+
+def id_model_kwargs(cfg: ExperimentConfig) -> dict:
+    """Constructor kwargs for ``cfg.id_model.name`` from the config, only those it accepts."""
+    m = cfg.id_model
+    wanted = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
+              "dropout": m.dropout}
+    if m.name != "caser":  # Caser's window is its own (L=5), not the history length
+        wanted["max_len"] = cfg.data.max_history
+    if m.name == "sasrec":
+        wanted["attn_dropout"] = m.dropout
+    accepted = inspect.signature(ID_MODELS[m.name].__init__).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def build_pretrain_task(cfg: ExperimentConfig, prepared: PreparedDataset) -> tuple[nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    kwargs = id_model_kwargs(cfg)
+    return IDModelTask(build_id_model(cfg.id_model.name, prepared.num_items, **kwargs)), kwargs
+
+
+def refine_layer_ids(spec: str) -> list[int] | None:
+    return None if spec == "all" else [int(x) for x in spec.split(",")]
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_artifact: str | Path) -> nn.Module:
+    """Frozen backbone + frozen ID model (from its artifact) + the adapter variant of the config."""
+    from idle_ray.adapter.model import IDLEModel
+    from idle_ray.llm.backbone import load_backbone
+    from idle_ray.models.artifact import load_id_artifact
+
+    id_model, _ = load_id_artifact(id_artifact, prepared.manifest["vocab_fingerprint"])
+    backbone = load_backbone(cfg.llm.backbone, cache_dir=cfg.llm.cache_dir or None, dtype=_dtype(cfg.llm.dtype))
+    torch.manual_seed(cfg.seed)
+    a = cfg.adapter
+    return IDLEModel(backbone, id_model, variant=a.variant, prompt_length=a.prompt_length,
+                     projection_width=a.projection_width, refine_layers=refine_layer_ids(a.refine_layers),
+                     refine_width=a.refine_bottleneck, mmd_weight=a.mmd_weight,
+                     mmd_max_text_states=a.mmd_max_text_states)
+
+
+def prompt_stage_kwargs(cfg: ExperimentConfig, prepared: PreparedDataset) -> dict:
+    """Constructor kwargs of the Ray Data tokenisation stage (:class:`PromptStage`)."""
+    a = cfg.adapter
+    return {"backbone": cfg.llm.backbone, "cache_dir": cfg.llm.cache_dir or None,
+            "template": cfg.prompt.template, "max_history": cfg.prompt.max_history,
+            "max_tokens": cfg.prompt.max_tokens, "titles": prepared.item_titles(),
+            "prompt_length": a.prompt_length if a.variant in ("idle", "idle_no_refine", "idle_no_mmd") else 0,
+            "item_slots": a.variant == "llara"}
+
+
+class PromptStage:
+    """Ray Data ``map_batches`` stage: tokenise hard prompts once per batch, off the training loop."""
+
+    def __init__(self, backbone: str, cache_dir, template: str, max_history: int, max_tokens: int,
+                 titles: list, prompt_length: int, item_slots: bool):
+        from idle_ray.llm.backbone import load_tokenizer
+        from idle_ray.llm.prompts import PromptEncoder
+        tokenizer, kind = load_tokenizer(backbone, cache_dir=cache_dir)
+        self.encoder = PromptEncoder(tokenizer, template, prompt_length, max_history, max_tokens, titles, kind,
+                                     item_slots=item_slots)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.encoder(batch)
+
+
+def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
+    """Prepare (or find in the cache) the dataset named by ``cfg.data``."""
+    from idle_ray.data.prepare import prepare_dataset
+    d = cfg.data
+    return prepare_dataset(d.dataset, d.output_dir, path=d.path, items_path=d.items_path,
+                           min_user_interactions=d.min_user_interactions,
+                           min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
+                           train_targets_per_user=d.train_targets_per_user, log=log)
+
+
+def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
+    """Where the pre-trained ID model lives: ``id_model.artifact`` or a name derived from the run."""
+    if cfg.id_model.artifact:
+        return Path(cfg.id_model.artifact).expanduser().resolve()
+    from idle_ray.config import config_hash
+    key = config_hash({"id_model": {**vars(cfg.id_model), "artifact": ""}, "pretrain": vars(cfg.pretrain),
+                       "max_history": cfg.data.max_history, "seed": cfg.seed})
+    return Path("artifacts").resolve() / "id_models" / f"{prepared.manifest['dataset']}-{cfg.id_model.name}-s{cfg.seed}-{key}"

@@ -1,0 +1,91 @@
+"""Driver side of training: datasets + ``TorchTrainer`` + run/failure/checkpoint configs.
+
+A run is identified by ``(train.storage_path, name)``: launching the same name again resumes
+from its latest checkpoint (Ray Train restores the run; the worker loads the checkpoint), and a
+finished run returns at once with its final state.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from idle_ray.config import ExperimentConfig, to_dict
+from idle_ray.data.pipeline import split_datasets
+from idle_ray.data.prepare import PreparedDataset
+from idle_ray.train.worker import CKPT_META, CKPT_WEIGHTS, train_fn_per_worker
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join a running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start an embedded one."""
+    if ray.is_initialized():
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+                                       "TRANSFORMERS_OFFLINE": "1"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_storage(storage_path: str, num_workers: int) -> str:
+    """Local folders are made absolute; a node-local path cannot serve a multi-node run."""
+    if "://" in storage_path:
+        return storage_path
+    path = str(Path(storage_path).expanduser().resolve())
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and num_workers > 1 and not os.environ.get("IDLE_RAY_SHARED_STORAGE"):
+        raise ValueError(
+            f"train.storage_path = {storage_path!r} is a node-local folder but the cluster has {len(nodes)} "
+            "nodes: checkpoints must be on shared storage. Fix: use s3://, gs:// or an NFS mount "
+            "(and set IDLE_RAY_SHARED_STORAGE=1 if the path is a shared mount).")
+    return path
+
+
+def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str, run_name: str,
+                 id_artifact: str | None = None, fail_at_step: int | None = None,
+                 extra_callbacks: list | None = None):
+    """Train on Ray; returns the ``ray.train.Result``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from idle_ray.train.builders import PromptStage, prompt_stage_kwargs
+
+    pre = task == "pretrain"
+    workers = cfg.pretrain.num_workers if pre else cfg.train.num_workers
+    cpus = cfg.pretrain.cpus_per_worker if pre else cfg.train.cpus_per_worker
+    storage = check_storage(cfg.train.storage_path, workers)
+    stage = None if pre or cfg.adapter.variant == "id_only" else (PromptStage, prompt_stage_kwargs(cfg, prepared))
+    d = cfg.data
+    datasets = {
+        "train": split_datasets(prepared, d.max_history, d.train_targets_per_user, splits=("train",),
+                                extra_stage=stage)["train"],
+        "valid": split_datasets(prepared, d.max_history, splits=("valid",), extra_stage=stage)["valid"],
+    }
+    run_dir = os.path.join(storage, run_name) if "://" not in storage else None
+    loop_config = {"experiment": to_dict(cfg), "task": task, "prepared": str(prepared.path),
+                   "id_artifact": str(id_artifact) if id_artifact else None, "run_dir": run_dir,
+                   "fail_at_step": fail_at_step, "torch_threads": max(1, int(cpus)) if cpus >= 1 else 1}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and not pre,
+                                     resources_per_worker={"CPU": cpus}),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=extra_callbacks or None),
+    )
+    return trainer.fit()
+
+
+def best_weights(result) -> str:
+    """Path of the best (validation-selected) trainable weights in the run's latest checkpoint."""
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("the run produced no checkpoint")
+    path = os.path.join(ckpt.path, "best_" + CKPT_WEIGHTS)
+    if not os.path.exists(path):
+        raise RuntimeError(f"{ckpt.path}: no best weights ({CKPT_META} may be from an older version)")
+    return path

@@ -1,0 +1,367 @@
+"""The worker function shared by pre-training, adapter training and Tune trials (house rule 5).
+
+``train_fn_per_worker(config)`` runs on every Ray Train worker: it builds the task (an ID model
+for pre-training, or frozen LLM + frozen ID model + adapter), wraps the trainable parameters in
+a DeepSpeed engine, streams batches from ``ray.train.get_dataset_shard("train")``, evaluates on
+validation every epoch (each worker scores its share of users; sums are all-reduced, so the
+metrics are exact), and checkpoints the trainable part + optimiser/scheduler/step state through
+``ray.train.report``; it resumes from ``ray.train.get_checkpoint()``.
+
+``run_standalone(config)`` runs the same loop without Ray (world size 1) on the local Parquet
+shards, for profiling on one GPU or debugging.
+
+``config`` (plain, picklable): ``experiment`` (the ExperimentConfig as a dict), ``task``
+("pretrain" | "adapter"), ``prepared`` (prepared dataset folder), ``id_artifact`` (adapter
+task), ``run_dir`` (local folder for TensorBoard logs), optional ``fail_at_step`` (fault tests).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from idle_ray.config import ExperimentConfig, _build
+from idle_ray.data.prepare import load_prepared
+from idle_ray.eval.metrics import finalize, merge_sums, metric_sums
+from idle_ray.eval.protocols import protocol_ranks
+
+CKPT_META = "train_state.json"
+CKPT_WEIGHTS = "trainable.safetensors"
+DS_TAG = "deepspeed"
+
+
+def experiment_from_dict(d: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, d, "", "<worker config>")
+
+
+def tb_name(key: str) -> str:
+    return key.replace("@", "_at_")
+
+
+def to_tensors(batch: dict, device) -> dict:
+    """numpy batch -> tensors (ragged object columns such as ``seen`` stay numpy)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            v = v if v.flags.writeable else v.copy()  # Ray hands out read-only views
+            out[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- contexts
+
+class RayContext:
+    """Data and reporting through Ray Train."""
+
+    def __init__(self):
+        import ray.train
+        self.train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def batches(self, split: str, batch_size: int, seed: int | None = None):
+        shard = self.train.get_dataset_shard(split)
+        kw = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kw)
+
+    def get_checkpoint_dir(self):
+        ckpt = self.train.get_checkpoint()
+        return ckpt
+
+    def report(self, metrics: dict, ckpt_dir: str | None):
+        from ray.train import Checkpoint
+        self.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+
+class LocalContext:
+    """World size 1, no Ray: the same samples from the local shards (and the same tokenisation)."""
+
+    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path):
+        self.rank, self.world = 0, 1
+        self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir
+        self.latest = None
+
+    def batches(self, split: str, batch_size: int, seed: int | None = None):
+        from idle_ray.data.pipeline import local_numpy_reader
+        d = self.cfg.data
+        targets = d.train_targets_per_user if split == "train" else 0
+        for block in local_numpy_reader(self.prepared, split, d.max_history, targets):
+            n = len(block["target"])
+            order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
+            for lo in range(0, n, batch_size):
+                idx = order[lo:lo + batch_size]
+                b = {k: v[idx] for k, v in block.items()}
+                yield self.stage(b) if self.stage else b
+
+    def get_checkpoint_dir(self):
+        return None
+
+    def report(self, metrics: dict, ckpt_dir: str | None):
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+        if ckpt_dir:
+            dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}"
+            shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
+            self.latest = dest
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_split(model, ctx, split: str, batch_size: int, protocols: list[str], seed: int,
+                   device, max_users: int = 0) -> dict:
+    """Exact metrics over the split: this worker scores users with ``user % world == rank``."""
+    import torch.distributed as dist
+    model_was_training = model.training
+    model.eval()
+    sums = {p: None for p in protocols}
+    for batch in ctx.batches(split, batch_size):
+        keep = (batch["user"] % ctx.world) == ctx.rank
+        if max_users:
+            keep &= batch["user"] <= max_users
+        if not keep.any():
+            continue
+        batch = {k: v[keep] for k, v in batch.items()}
+        t = to_tensors({k: v for k, v in batch.items() if k != "seen"}, device)
+        with torch.no_grad():
+            scores = model.full_sort_predict(t).float()
+        for p in protocols:
+            ranks = protocol_ranks(p, scores, t["target"].long(), list(batch["seen"]), user_ids=batch["user"], seed=seed)
+            s = metric_sums(ranks)
+            sums[p] = s if sums[p] is None else merge_sums(sums[p], s)
+    out = {}
+    for p in protocols:
+        s = sums[p] or metric_sums(np.zeros(0))
+        keys = sorted(s)
+        vec = torch.tensor([s[k] for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and ctx.world > 1:
+            dist.all_reduce(vec)
+        total = dict(zip(keys, vec.tolist()))
+        if total["count"] > 0:
+            for k, v in finalize(total).items():
+                out[k if p == "full" else f"{p}_{k}"] = v
+        out["users" if p == "full" else f"{p}_users"] = int(total["count"])
+    model.train(model_was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(engine, model, state: dict, rank: int) -> str:
+    from safetensors.torch import save_file
+    d = tempfile.mkdtemp(prefix="idle_ray_ckpt_")
+    # Every rank writes its optimizer shard; frozen weights are never written.
+    engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=True)
+    if rank == 0:
+        sd = _trainable_state(engine, model)
+        save_file(sd, os.path.join(d, CKPT_WEIGHTS))
+        with open(os.path.join(d, CKPT_META), "w") as f:
+            json.dump(state, f)
+    return d
+
+
+def _trainable_state(engine, model) -> dict:
+    """Trainable tensors (full names), gathered when ZeRO-3 partitions them."""
+    names = [n for n, p in model.named_parameters() if model.is_trainable(n)]
+    params = [p for n, p in model.named_parameters() if model.is_trainable(n)]
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().cpu().clone().contiguous() for n, p in zip(names, params)}
+    state = model.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if model.is_trainable(k)}
+
+
+def _candidate_checkpoints(latest_dir: str | None, run_dir: str | None) -> list[str]:
+    """Latest first, then older checkpoints of the same run (newest first)."""
+    out = [latest_dir] if latest_dir else []
+    if run_dir and Path(run_dir).is_dir():
+        older = sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()),
+                       key=lambda p: p.name, reverse=True)
+        out += [str(p) for p in older if str(p) != latest_dir]
+    return out
+
+
+def _try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None:
+    """Load the latest readable checkpoint (older ones on failure, with a warning)."""
+    ckpt = ctx.get_checkpoint_dir()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as latest:
+        for cand in _candidate_checkpoints(latest, run_dir):
+            try:
+                with open(os.path.join(cand, CKPT_META)) as f:
+                    state = json.load(f)
+                engine.load_checkpoint(cand, tag=DS_TAG, load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+                best = os.path.join(cand, "best_" + CKPT_WEIGHTS)
+                if os.path.exists(best):
+                    shutil.copy(best, best_keep)
+                if cand != latest:
+                    warnings.warn(f"latest checkpoint {latest} is unreadable; resumed from the older {cand}")
+                return state
+            except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
+                warnings.warn(f"checkpoint {cand} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+    raise RuntimeError("no readable checkpoint to resume from; delete the run folder to start over")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _build_task(config: dict, cfg: ExperimentConfig, prepared):
+    from idle_ray.train import builders
+    if config["task"] == "pretrain":
+        model, _ = builders.build_pretrain_task(cfg, prepared)
+        return model
+    return builders.build_adapter_task(cfg, prepared, config["id_artifact"])
+
+
+def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
+    import torch.distributed as dist
+    from idle_ray.train.engine import build_engine
+
+    pretrain = config["task"] == "pretrain"
+    hp = cfg.pretrain if pretrain else cfg.train
+    tr = cfg.train
+    device = torch.device("cuda", torch.cuda.current_device()) if (tr.use_gpu and torch.cuda.is_available()) \
+        else torch.device("cpu")
+    model.to(device)
+    trainable = [p for n, p in model.named_parameters() if model.is_trainable(n)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(model.is_trainable(n))
+    batch_size = hp.batch_size if not pretrain else max(1, hp.batch_size // ctx.world)
+    engine, optimizer, scheduler = build_engine(
+        model, trainable, micro_batch_size=batch_size, zero_stage=0 if pretrain else tr.zero_stage,
+        lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=0 if pretrain else tr.warmup_steps,
+        bf16=device.type == "cuda" and not pretrain, offload_optimizer=False if pretrain else tr.offload_optimizer)
+
+    epochs = hp.epochs
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best_keep = os.path.join(tempfile.mkdtemp(prefix="idle_ray_best_"), "best_" + CKPT_WEIGHTS)
+    restored = _try_restore(engine, ctx, config.get("run_dir"), best_keep)
+    if restored:
+        state = restored
+        if ctx.rank == 0:
+            print(f"[train] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
+
+    split_rows = prepared.manifest["splits"]["train"]
+    steps_per_epoch = math.ceil(split_rows / (batch_size * ctx.world))
+    total_steps = steps_per_epoch * epochs if not tr.max_steps else min(tr.max_steps, steps_per_epoch * epochs)
+    tb = None
+    if ctx.rank == 0 and config.get("run_dir"):
+        from tensorboardX import SummaryWriter
+        tb = SummaryWriter(os.path.join(config["run_dir"], "tensorboard"))
+    patience = cfg.pretrain.patience if pretrain else 10**9
+    fail_at = config.get("fail_at_step")
+    t_start, samples_seen = time.perf_counter(), 0
+    done = state["step"] >= total_steps > 0 and bool(tr.max_steps)
+
+    while state["epoch"] < epochs and not done and state["bad_epochs"] < patience:
+        model.train()
+        acc = {}
+        t_log, n_log = time.perf_counter(), 0
+        for batch in ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]):
+            t = to_tensors(batch, device)
+            out = engine(t)
+            engine.backward(out["loss"])
+            engine.step()
+            state["step"] += 1
+            n = len(batch["target"])
+            n_log += n
+            samples_seen += n
+            for k, v in out.items():
+                if v.dim() == 0:
+                    acc[k] = acc.get(k, 0.0) + float(v.detach())
+            if fail_at is not None and state["step"] == fail_at and ctx.rank == ctx.world - 1:
+                marker = Path(config["run_dir"]) / "failed_once"
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text("1")
+                    os._exit(1)  # simulate a crashed worker process (fault-tolerance test)
+            if state["step"] % tr.log_every == 0 or state["step"] == total_steps:
+                dt = time.perf_counter() - t_log
+                parts = {k: v / tr.log_every for k, v in acc.items()}
+                if ctx.rank == 0:
+                    rate = n_log * ctx.world / max(dt, 1e-9)
+                    eta = (total_steps - state["step"]) * batch_size * ctx.world / max(rate, 1e-9)
+                    print(f"[train] step {state['step']}/{total_steps} epoch {state['epoch']} "
+                          f"{rate:,.1f} samples/s " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()) +
+                          f" eta {eta / 60:.1f} min", flush=True)
+                    if tb:
+                        for k, v in parts.items():
+                            tb.add_scalar(f"train/{tb_name(k)}", v, state["step"])
+                        tb.add_scalar("train/samples_per_s", rate, state["step"])
+                acc, t_log, n_log = {}, time.perf_counter(), 0
+            if tr.max_steps and state["step"] >= tr.max_steps:
+                done = True
+                break
+        state["epoch"] += 1
+        val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
+                             max_users=tr.eval_max_users if not pretrain else 0)
+        score = val.get("ndcg@10", 0.0)
+        improved = score > state["best"]
+        if improved:
+            state.update(best=score, best_epoch=state["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        metrics = {"epoch": state["epoch"], "step": state["step"], **{f"val_{k}": v for k, v in val.items()},
+                   "best_val_ndcg@10": state["best"], "samples_per_s": samples_seen * ctx.world /
+                   max(time.perf_counter() - t_start, 1e-9)}
+        state["history"].append({k: v for k, v in metrics.items()})
+        if tb:
+            for k, v in val.items():
+                tb.add_scalar(f"val/{tb_name(k)}", v, state["step"])
+        if ctx.rank == 0:
+            print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f} hr@10 {val.get('hr@10', 0):.4f} "
+                  f"(best {state['best']:.4f} @ {state['best_epoch']})", flush=True)
+        # Checkpoint: every epoch (resume) and the best weights (selection on validation).
+        ckpt_dir = _save_checkpoint(engine, model, state, ctx.rank)
+        if ctx.rank == 0:
+            # The latest checkpoint always carries the best weights so far (selection on validation).
+            if improved:
+                shutil.copy(os.path.join(ckpt_dir, CKPT_WEIGHTS), best_keep)
+            shutil.copy(best_keep, os.path.join(ckpt_dir, "best_" + CKPT_WEIGHTS))
+        ctx.report(metrics, ckpt_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if dist.is_initialized() and ctx.world > 1:
+            dist.barrier()
+    if tb:
+        tb.close()
+    return {"epoch": state["epoch"], "step": state["step"], "best_val_ndcg@10": state["best"],
+            "best_epoch": state["best_epoch"]}
+
+
+def train_fn_per_worker(config: dict) -> dict:
+    """Ray Train entry point (see module docstring)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg = experiment_from_dict(config["experiment"])
+    prepared = load_prepared(config["prepared"])
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    model = _build_task(config, cfg, prepared)
+    return _loop(config, RayContext(), cfg, prepared, model)
+
+
+def run_standalone(config: dict) -> dict:
+    """The same loop without Ray: world size 1, local shards, checkpoints under ``run_dir``."""
+    from idle_ray.train.engine import init_single_process_group
+    init_single_process_group()
+    cfg = experiment_from_dict(config["experiment"])
+    prepared = load_prepared(config["prepared"])
+    model = _build_task(config, cfg, prepared)
+    stage = None
+    if config["task"] == "adapter":
+        from idle_ray.train.builders import PromptStage, prompt_stage_kwargs
+        stage = PromptStage(**prompt_stage_kwargs(cfg, prepared))
+    out = Path(config.get("run_dir") or tempfile.mkdtemp(prefix="idle_ray_standalone_"))
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**config, "run_dir": str(out)}
+    return _loop(config, LocalContext(prepared, cfg, stage, out), cfg, prepared, model)
