@@ -67,7 +67,13 @@ shares its score with at least one other item.
 the *later* epoch on equal rounded scores: ``value >= best``).  ``train_seconds`` is the
 wall time of ``Trainer.fit`` (training + per-epoch validation); ``seconds_per_epoch``
 is the median wall time of the training part of one epoch (no evaluation);
-``epoch_train_seconds`` lists them all.
+``epoch_train_seconds`` lists them all.  ``stop_reason`` is ``early_stopping`` (then
+``converged: true``), ``max_epochs`` or ``time_budget`` (``--time-budget-min``: no new
+epoch is started once it would end past the budget; the best-so-far weights are then
+evaluated as usual -- an unconverged reference, flagged ``converged: false``).  While
+training, ``<out stem>.partial.json`` is rewritten after every epoch (best valid so far
+and the test metrics of those best weights) so a killed run still leaves numbers; it is
+removed when the final JSON is written.
 
 ``--time-epochs N``: trains N epochs (no evaluation, no early stopping) and writes
 ``{epoch_seconds: [...], median, ...}``.  With ``--max-batches M`` each of the N epochs
@@ -88,7 +94,9 @@ recbole/evaluator/metrics.py, recbole/trainer/trainer.py, recbole/data/dataloade
   MRR are then computed from ``pos_index`` alone.  Ties are therefore **not handled
   deliberately at all**: among items with equal scores, the target's position is
   whatever order ``torch.topk`` returns them in -- unspecified by PyTorch (on CPU it is
-  a partial sort, not a stable one), in effect arbitrary.  It is neither our
+  a partial sort, not a stable one), in effect arbitrary: with torch 2.13 on CPU an
+  all-zero score row of 1350 items comes back as indices 18, 10, 4, 16, 12, ... -- not
+  by index, not by anything meaningful.  It is neither our
   pessimistic rule (a tied target counted below every item it ties with) nor an
   optimistic one, and it can differ from the pessimistic rank only when the target ties
   with another item; ``tie_fraction`` in the output measures how often that happens
@@ -109,6 +117,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -117,6 +126,12 @@ import time
 from pathlib import Path
 
 MODELS = ("SASRec", "GRU4Rec", "Caser")
+
+
+class _TimeBudgetReached(Exception):
+    """Raised from the fit callback when --time-budget-min is used up."""
+
+
 DATASET_NAME = "idle_prepared"  # no recbole/properties/dataset/<name>.yaml applies
 
 
@@ -388,6 +403,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path, help="result JSON path")
     p.add_argument("--time-epochs", type=int, default=None, metavar="N",
                    help="speed mode: train N epochs without evaluation, report each epoch's wall time")
+    p.add_argument("--time-budget-min", type=float, default=None, metavar="MIN",
+                   help="stop training (no new epoch) once the next epoch would end past MIN "
+                        "minutes; the JSON then says stop_reason 'time_budget', converged false")
     p.add_argument("--max-batches", type=int, default=None, metavar="M",
                    help="with --time-epochs: time only the first M batches of each epoch and "
                         "scale to a full epoch (JSON says extrapolated: true)")
@@ -408,6 +426,7 @@ def main(argv=None):
         raise SystemExit("--time-epochs must be >= 1")
 
     torch, recbole, Config, create_dataset, data_preparation, get_model, get_trainer, init_seed = import_recbole()
+    import numpy as np
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -446,6 +465,11 @@ def main(argv=None):
         model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
         trainer = make_trainer_class(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
         assert not torch.is_anomaly_enabled(), "autograd anomaly detection must be off"
+        ours = manifest.get("splits") or {}
+        theirs = {"train": len(train_data._dataset), "valid": len(valid_data._dataset),
+                  "test": len(test_data._dataset)}
+        if ours and any(int(ours.get(k, -1)) != v for k, v in theirs.items()):
+            log.warning("RecBole's split sizes %s differ from the manifest's %s", theirs, ours)
 
         common = {
             "model": args.model,
@@ -495,10 +519,52 @@ def main(argv=None):
             log.info("median epoch %.2fs -> %s", payload["median"], out_path)
             return 0
 
+        topk = list(config["topk"])
+        partial_path = out_path.with_name(out_path.stem + ".partial.json")
+        budget_s = args.time_budget_min * 60.0 if args.time_budget_min else None
+        at_best = {}
+
+        def after_validation(epoch_idx, valid_score):
+            """Called by Trainer.fit after every validation (RecBole's callback_fn)."""
+            if trainer.best_epoch == epoch_idx:
+                # Test metrics of the best-so-far weights, so that a run that is killed
+                # or stopped by --time-budget-min still leaves usable numbers.  The torch
+                # DataLoader draws a base seed from the global RNG when it is iterated,
+                # so the RNG states are saved and restored: training proceeds exactly as
+                # it would without this extra evaluation.
+                states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+                res = trainer.evaluate(test_data, load_best_model=False)
+                torch.set_rng_state(states[0]); np.random.set_state(states[1]); random.setstate(states[2])
+                at_best.update(epoch=epoch_idx, test=rename_metrics(res),
+                               test_pessimistic=pessimistic_metrics(trainer.last_ranks, topk))
+            elapsed = time.perf_counter() - t0
+            write_json_atomic(partial_path, {
+                "mode": "train_eval", "complete": False, **common,
+                "epochs_run": len(trainer.epoch_train_seconds), "elapsed_seconds": elapsed,
+                "best_epoch": trainer.best_epoch,
+                "valid": rename_metrics(trainer.best_valid_result),
+                "test": at_best.get("test"), "test_pessimistic": at_best.get("test_pessimistic"),
+                "epoch_train_seconds": trainer.epoch_train_seconds,
+            })
+            if budget_s is not None:
+                per_epoch = elapsed / len(trainer.epoch_train_seconds)
+                if elapsed + per_epoch > budget_s and epoch_idx + 1 < trainer.epochs:
+                    log.warning("time budget %g min: stopping after epoch %d (not converged)",
+                                args.time_budget_min, epoch_idx)
+                    raise _TimeBudgetReached()
+
+        stop_reason = None
         t0 = time.perf_counter()
-        best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, verbose=True, saved=True, show_progress=False)
+        try:
+            trainer.fit(train_data, valid_data, verbose=True, saved=True, show_progress=False,
+                        callback_fn=after_validation)
+        except _TimeBudgetReached:
+            stop_reason = "time_budget"
         train_seconds = time.perf_counter() - t0
+        epochs_run = len(trainer.epoch_train_seconds)
+        if stop_reason is None:
+            stop_reason = "early_stopping" if epochs_run < args.epochs else "max_epochs"
+        best_valid_score, best_valid_result = trainer.best_valid_score, trainer.best_valid_result
 
         trainer.restore_best()
         valid_again = trainer.evaluate(valid_data, load_best_model=False)
@@ -509,9 +575,9 @@ def main(argv=None):
         test_result = trainer.evaluate(test_data, load_best_model=False)
         test_ranks, test_ties = trainer.last_ranks, trainer.last_tie_fraction
 
-        topk = list(config["topk"])
         payload = {
             "mode": "train_eval",
+            "complete": True,
             **common,
             "valid": rename_metrics(best_valid_result),
             "test": rename_metrics(test_result),
@@ -521,8 +587,11 @@ def main(argv=None):
             "test_tie_fraction": test_ties,
             "best_epoch": trainer.best_epoch,
             "best_valid_score": float(best_valid_score),
-            "epochs_run": len(trainer.epoch_train_seconds),
+            "epochs_run": epochs_run,
             "max_epochs": args.epochs,
+            "stop_reason": stop_reason,
+            "converged": stop_reason == "early_stopping",
+            "time_budget_min": args.time_budget_min,
             "train_seconds": train_seconds,
             "seconds_per_epoch": statistics.median(trainer.epoch_train_seconds),
             "epoch_train_seconds": trainer.epoch_train_seconds,
@@ -531,7 +600,9 @@ def main(argv=None):
             "config": jsonable(config.final_config_dict),
         }
         write_json_atomic(out_path, payload)
-        log.info("best epoch %s; valid %s; test %s -> %s", trainer.best_epoch,
+        if partial_path.exists():
+            partial_path.unlink()
+        log.info("best epoch %s (%s); valid %s; test %s -> %s", trainer.best_epoch, stop_reason,
                  payload["valid"], payload["test"], out_path)
         return 0
     finally:

@@ -208,6 +208,8 @@ def _try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | Non
                     shutil.copy(best, best_keep)
                 if cand != latest:
                     warnings.warn(f"latest checkpoint {latest} is unreadable; resumed from the older {cand}")
+                state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
+                                                        "fallback": cand != latest})
                 return state
             except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
                 warnings.warn(f"checkpoint {cand} could not be loaded ({type(e).__name__}: {e}); trying an older one")
