@@ -67,6 +67,10 @@ class PretrainConfig:
     lr: float = _f(1e-3, "Adam learning rate.", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "Weight decay.", min=0.0)
     patience: int = _f(10, "Early stopping: epochs without validation NDCG@10 improvement.", min=1)
+    sample_mode: str = _f("window", "'window': one sample per window of max_history targets, loss at every "
+                          "position (SASRec's original objective, ~max_history x less compute per epoch); "
+                          "'prefix': one sample per target position, loss at the last one (RecBole-style).",
+                          choices=("window", "prefix"))
     num_workers: int = _f(1, "Ray Train workers.", min=1)
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractional leaves room for Ray Data).", min=0.0)
 

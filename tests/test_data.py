@@ -202,3 +202,19 @@ def test_prepare_job_bad_input_exits_nonzero(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs/prepare.py"), "--set", "data.nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "data.nope" in r.stderr
+
+
+def test_windows_cover_every_training_target_once():
+    import pyarrow as pa
+
+    from idle_ray.data.samples import make_samples, make_windows, window_count
+    items = pa.array([list(range(1, 13)), [20, 21, 22, 23]], pa.list_(pa.int32()))
+    w = make_windows(np.array([1, 2]), items, max_history=4)
+    # user 1: training part 1..10, targets 2..10 (9) -> windows of 4: [7..10], [3..6], [2]
+    assert w["target_seq"].tolist()[:3] == [[7, 8, 9, 10], [3, 4, 5, 6], [0, 0, 0, 2]]
+    assert w["history"].tolist()[:3] == [[6, 7, 8, 9], [2, 3, 4, 5], [0, 0, 0, 1]]
+    # user 2: training part 20, 21 -> one target (21) with input 20
+    assert w["target_seq"].tolist()[3] == [0, 0, 0, 21] and w["history"].tolist()[3] == [0, 0, 0, 20]
+    assert len(w["user"]) == window_count(np.array([12, 4]), 4) == 4
+    prefix = make_samples(np.array([1, 2]), items, "train", max_history=4)
+    assert sorted(t for row in w["target_seq"] for t in row if t) == sorted(prefix["target"].tolist())

@@ -19,7 +19,7 @@ from idle_ray.data.samples import SPLITS, build_samples
 
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
-                  shuffle: bool | None = None, passes: int = 1) -> ray.data.Dataset:
+                  shuffle: bool | None = None, passes: int = 1, windows: bool = False) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
     ``extra_stage``: ``(CallableClass, constructor_kwargs)`` applied after windowing (runs in
@@ -32,14 +32,16 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
     shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
     def read():
-        return ray.data.read_parquet(files, shuffle=shuffle_files).select_columns(["user", "items"])
+        # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
+        return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=0.25
+                                     ).select_columns(["user", "items"])
 
     ds = read()
     if passes > 1:
         ds = ds.union(*[read() for _ in range(passes - 1)])
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
-        "split": split, "max_history": max_history, "targets_per_user": targets_per_user},
+        "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows},
         batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25)
     if extra_stage is not None:
         cls, kwargs = extra_stage
@@ -54,13 +56,32 @@ def split_datasets(prepared: PreparedDataset, max_history: int, targets_per_user
     return {s: split_dataset(prepared, s, max_history, targets_per_user, **kwargs) for s in splits}
 
 
+def _sequence_lengths(prepared: PreparedDataset):
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    return np.asarray(pc.list_value_length(pq.read_table(prepared.sequences_dir, columns=["items"])["items"]))
+
+
+def sample_count(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
+                 windows: bool = False) -> int:
+    """Samples a split yields: the manifest's count, or recomputed from the sequence lengths."""
+    from idle_ray.data.prepare import train_sample_count
+    from idle_ray.data.samples import window_count
+    if split != "train" or (not windows and targets_per_user == prepared.manifest["train_targets_per_user"]):
+        return int(prepared.manifest["splits"][split])
+    lengths = _sequence_lengths(prepared)
+    return window_count(lengths, max_history) if windows else train_sample_count(lengths, targets_per_user)
+
+
 def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                       transform: Callable | None = None):
+                       transform: Callable | None = None, windows: bool = False):
     """Single-process baseline: pyarrow + numpy, same transformation, one shard at a time.
 
     Used by tests (equivalence with the Ray pipeline) and by the data benchmark.
     """
     import pyarrow.parquet as pq
     for f in sorted(Path(prepared.sequences_dir).glob("part-*.parquet")):
-        out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user)
+        out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user,
+                            windows)
         yield transform(out) if transform else out

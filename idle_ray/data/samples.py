@@ -67,7 +67,45 @@ def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
     return out
 
 
-def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0) -> dict[str, np.ndarray]:
-    """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point."""
+def make_windows(users: np.ndarray, items_column, max_history: int) -> dict[str, np.ndarray]:
+    """Training windows with a target at every position (SASRec's original objective).
+
+    The training part of a sequence (all but the last two items, ``m`` items) is cut from the
+    end into windows of ``L = max_history`` targets: window ``j`` has targets ``s[e-L:e]`` and
+    inputs ``s[e-L-1:e-1]`` with ``e = m - j*L``; both left-padded, target 0 = no loss. Every
+    training target position ``1..m-1`` appears exactly once per epoch, as with prefix samples,
+    at a fraction of the compute (one forward serves ``L`` targets).
+    """
+    values, offsets = _flat(items_column)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    m = lengths - 2
+    n_win = np.maximum(np.ceil((m - 1) / max_history).astype(np.int64), 0)
+    rows = np.repeat(np.arange(len(starts)), n_win)
+    j = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    end = starts[rows] + m[rows] - j * max_history  # flat index one past the last target
+    cols = np.arange(-max_history, 0)[None, :]
+    tgt_idx = end[:, None] + cols
+    tgt_ok = tgt_idx >= (starts[rows] + 1)[:, None]
+    target_seq = np.where(tgt_ok, values[np.clip(tgt_idx, 0, None)], 0).astype(np.int32)
+    inp_idx = tgt_idx - 1
+    history = np.where(tgt_ok, values[np.clip(inp_idx, 0, None)], 0).astype(np.int32)
+    return {"user": np.asarray(users, dtype=np.int32)[rows], "history": history,
+            "history_len": tgt_ok.sum(1).astype(np.int32), "target_seq": target_seq,
+            "target": target_seq[:, -1].copy()}
+
+
+def window_count(lengths: np.ndarray, max_history: int) -> int:
+    m = lengths - 2
+    return int(np.maximum(np.ceil((m - 1) / max_history), 0).sum())
+
+
+def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0,
+                  windows: bool = False) -> dict[str, np.ndarray]:
+    """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point.
+
+    ``windows=True`` (train split only): :func:`make_windows` instead of prefix samples.
+    """
+    if windows and split == "train":
+        return make_windows(batch.column("user").to_numpy(), batch.column("items"), max_history)
     return make_samples(batch.column("user").to_numpy(), batch.column("items"), split, max_history,
                         targets_per_user)

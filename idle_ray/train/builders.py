@@ -30,7 +30,15 @@ class IDModelTask(nn.Module):
         return True
 
     def forward(self, batch) -> dict:
-        loss = self.model.calculate_loss(batch["history"].long(), batch["target"].long())
+        history = batch["history"].long()
+        if "target_seq" in batch:  # windows: a target at every position, 0 = no loss
+            states = self.model.user_states(history)  # (B, T, d)
+            target = batch["target_seq"].long()
+            keep = target > 0
+            logits = states[keep] @ self.model.item_table()[1:].T  # (M, N): padding is not a class
+            loss = torch.nn.functional.cross_entropy(logits, target[keep] - 1)
+        else:
+            loss = self.model.calculate_loss(history, batch["target"].long())
         return {"loss": loss, "ce": loss}
 
     @torch.no_grad()

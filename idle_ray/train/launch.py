@@ -21,7 +21,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Join a running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start an embedded one."""
     if ray.is_initialized():
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    # The dashboard serves the state API that Ray Train/Tune use to release stopped runs' resources.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
                                        "TRANSFORMERS_OFFLINE": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -58,13 +59,15 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     d = cfg.data
     datasets = {
         "train": split_datasets(prepared, d.max_history, d.train_targets_per_user, splits=("train",),
-                                extra_stage=stage)["train"],
+                                extra_stage=stage, windows=pre and cfg.pretrain.sample_mode == "window")["train"],
         "valid": split_datasets(prepared, d.max_history, splits=("valid",), extra_stage=stage)["valid"],
     }
     run_dir = os.path.join(storage, run_name) if "://" not in storage else None
     loop_config = {"experiment": to_dict(cfg), "task": task, "prepared": str(prepared.path),
                    "id_artifact": str(id_artifact) if id_artifact else None, "run_dir": run_dir,
-                   "fail_at_step": fail_at_step, "torch_threads": max(1, int(cpus)) if cpus >= 1 else 1}
+                   "fail_at_step": fail_at_step,
+                   # intra-op threads: the node's cores shared by its workers (Ray Data work is light)
+                   "torch_threads": max(1, (os.cpu_count() or 1) // workers)}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,

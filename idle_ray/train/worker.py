@@ -87,8 +87,9 @@ class RayContext:
 class LocalContext:
     """World size 1, no Ray: the same samples from the local shards (and the same tokenisation)."""
 
-    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path):
+    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path, windows: bool = False):
         self.rank, self.world = 0, 1
+        self.windows = windows
         self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir
         self.latest = None
 
@@ -96,7 +97,7 @@ class LocalContext:
         from idle_ray.data.pipeline import local_numpy_reader
         d = self.cfg.data
         targets = d.train_targets_per_user if split == "train" else 0
-        for block in local_numpy_reader(self.prepared, split, d.max_history, targets):
+        for block in local_numpy_reader(self.prepared, split, d.max_history, targets, windows=self.windows):
             n = len(block["target"])
             order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
             for lo in range(0, n, batch_size):
@@ -254,7 +255,9 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         if ctx.rank == 0:
             print(f"[train] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
 
-    split_rows = prepared.manifest["splits"]["train"]
+    from idle_ray.data.pipeline import sample_count
+    split_rows = sample_count(prepared, "train", cfg.data.max_history, cfg.data.train_targets_per_user,
+                              windows=pretrain and cfg.pretrain.sample_mode == "window")
     steps_per_epoch = math.ceil(split_rows / (batch_size * ctx.world))
     total_steps = steps_per_epoch * epochs if not tr.max_steps else min(tr.max_steps, steps_per_epoch * epochs)
     tb = None
@@ -366,4 +369,5 @@ def run_standalone(config: dict) -> dict:
     out = Path(config.get("run_dir") or tempfile.mkdtemp(prefix="idle_ray_standalone_"))
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "run_dir": str(out)}
-    return _loop(config, LocalContext(prepared, cfg, stage, out), cfg, prepared, model)
+    windows = config["task"] == "pretrain" and cfg.pretrain.sample_mode == "window"
+    return _loop(config, LocalContext(prepared, cfg, stage, out, windows), cfg, prepared, model)
