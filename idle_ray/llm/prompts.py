@@ -105,7 +105,8 @@ class PromptEncoder:
         prompt_length: ``k``, the number of ID-token placeholders (0 for LLM-only / LLaRA).
         max_history: at most this many most recent items are shown.
         max_tokens: the hard cap on a row's length (and the width ``T`` when padding to it).
-        titles: ``titles[i]`` is item ``i``'s title; index 0 (padding) is never read.
+        titles: ``titles[i]`` is item ``i``'s title; index 0 (padding) is never read; a missing
+            (``None``/empty) title is shown as ``"item <i>"``.
         kind: ``"decoder"`` (left-padded prefix, read-out last) or ``"encoder"`` (right padding).
         item_slots: insert one slot token after each title (LLaRA) and emit ``item_pos``/``item_ids``.
         pad_to_max_tokens: pad every batch to ``max_tokens`` columns (fixed width: Ray Data can
@@ -167,7 +168,8 @@ class PromptEncoder:
         self.tail = encode(tail)
 
         def encode_titles(ws: str) -> tuple[np.ndarray, np.ndarray]:
-            ids = [[] if i == 0 else encode(ws + str(t)) for i, t in enumerate(titles)]
+            ids = [[] if i == 0 else encode(ws + ((str(t).strip() if t is not None else "") or f"item {i}"))
+                   for i, t in enumerate(titles)]
             if max_title_tokens is not None:
                 ids = [x[:max_title_tokens] for x in ids]
             return _flat(ids)

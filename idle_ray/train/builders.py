@@ -7,7 +7,9 @@ predicate for ``requires_grad``, the optimizer and the checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -90,7 +92,7 @@ def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_arti
 
 
 def prompt_stage_kwargs(cfg: ExperimentConfig, prepared: PreparedDataset) -> dict:
-    """Constructor kwargs of the Ray Data tokenisation stage (:class:`PromptStage`)."""
+    """Keyword arguments of the Ray Data tokenisation stage (:func:`encode_prompts`)."""
     a = cfg.adapter
     return {"backbone": cfg.llm.backbone, "cache_dir": cfg.llm.cache_dir or None,
             "template": cfg.prompt.template, "max_history": cfg.prompt.max_history,
@@ -99,19 +101,25 @@ def prompt_stage_kwargs(cfg: ExperimentConfig, prepared: PreparedDataset) -> dic
             "item_slots": a.variant == "llara"}
 
 
-class PromptStage:
-    """Ray Data ``map_batches`` stage: tokenise hard prompts once per batch, off the training loop."""
+_ENCODERS: dict = {}
 
-    def __init__(self, backbone: str, cache_dir, template: str, max_history: int, max_tokens: int,
-                 titles: list, prompt_length: int, item_slots: bool):
+
+def encode_prompts(batch: dict, **kwargs) -> dict:
+    """Ray Data stage: tokenise hard prompts (numpy in, numpy out), off the training loop.
+
+    The :class:`PromptEncoder` (tokenizer + pre-tokenised titles) is built once per worker
+    process and reused by every later batch with the same settings.
+    """
+    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()
+    encoder = _ENCODERS.get(key)
+    if encoder is None:
         from idle_ray.llm.backbone import load_tokenizer
         from idle_ray.llm.prompts import PromptEncoder
-        tokenizer, kind = load_tokenizer(backbone, cache_dir=cache_dir)
-        self.encoder = PromptEncoder(tokenizer, template, prompt_length, max_history, max_tokens, titles, kind,
-                                     item_slots=item_slots)
-
-    def __call__(self, batch: dict) -> dict:
-        return self.encoder(batch)
+        tokenizer, kind = load_tokenizer(kwargs["backbone"], cache_dir=kwargs["cache_dir"])
+        encoder = _ENCODERS[key] = PromptEncoder(
+            tokenizer, kwargs["template"], kwargs["prompt_length"], kwargs["max_history"], kwargs["max_tokens"],
+            kwargs["titles"], kind, item_slots=kwargs["item_slots"])
+    return encoder(batch)
 
 
 def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:

@@ -49,13 +49,13 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from idle_ray.train.builders import PromptStage, prompt_stage_kwargs
+    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
 
     pre = task == "pretrain"
     workers = cfg.pretrain.num_workers if pre else cfg.train.num_workers
     cpus = cfg.pretrain.cpus_per_worker if pre else cfg.train.cpus_per_worker
     storage = check_storage(cfg.train.storage_path, workers)
-    stage = None if pre or cfg.adapter.variant == "id_only" else (PromptStage, prompt_stage_kwargs(cfg, prepared))
+    stage = None if pre or cfg.adapter.variant == "id_only" else (encode_prompts, prompt_stage_kwargs(cfg, prepared))
     d = cfg.data
     datasets = {
         "train": split_datasets(prepared, d.max_history, d.train_targets_per_user, splits=("train",),

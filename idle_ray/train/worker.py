@@ -364,8 +364,9 @@ def run_standalone(config: dict) -> dict:
     model = _build_task(config, cfg, prepared)
     stage = None
     if config["task"] == "adapter":
-        from idle_ray.train.builders import PromptStage, prompt_stage_kwargs
-        stage = PromptStage(**prompt_stage_kwargs(cfg, prepared))
+        from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
+        kwargs = prompt_stage_kwargs(cfg, prepared)
+        stage = lambda batch: encode_prompts(batch, **kwargs)  # noqa: E731
     out = Path(config.get("run_dir") or tempfile.mkdtemp(prefix="idle_ray_standalone_"))
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "run_dir": str(out)}
