@@ -45,7 +45,7 @@ def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
     stage = (encode_prompts, prompt_stage_kwargs(cfg, prepared))
     record["test"] = evaluate(cfg, prepared, "test", kind="adapter", weights=best_weights(result),
                               id_artifact=artifact, extra_stage=stage,
-                              actors=1, cpus_per_actor=float(os.cpu_count() or 1) * 0.75)
+                              actors=1, cpus_per_actor=1.0, threads=os.cpu_count() or 1)
     record["test_seconds"] = round(time.time() - t1, 1)
     return record
 

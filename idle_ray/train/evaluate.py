@@ -58,7 +58,7 @@ class Scorer:
 
 def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, kind: str,
              weights: str | None = None, id_artifact: str | None = None, protocols: list | None = None,
-             actors: int = 1, cpus_per_actor: float = 1.0, extra_stage=None) -> dict:
+             actors: int = 1, cpus_per_actor: float = 1.0, threads: int | None = None, extra_stage=None) -> dict:
     """Metrics on ``split`` ({protocol: {metric: value}}, plus ``users``) computed on Ray.
 
     ``kind``: "id_model" (the artifact's model) or "adapter" (the config's variant with ``weights``).
@@ -69,7 +69,7 @@ def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, ki
     ranks = ds.map_batches(
         Scorer, fn_constructor_kwargs={"experiment": to_dict(cfg), "prepared": str(prepared.path), "kind": kind,
                                        "weights": weights, "id_artifact": id_artifact, "protocols": protocols,
-                                       "seed": cfg.seed, "threads": max(1, int(cpus_per_actor))},
+                                       "seed": cfg.seed, "threads": threads or max(1, round(cpus_per_actor))},
         batch_size=cfg.eval.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor)
     collected = {p: [] for p in protocols}
