@@ -6,9 +6,12 @@
 embeddings require grad, weights do not; loss = sum of the read-out state): the least any
 method that back-propagates through the LLM pays. Each variant's step = forward + backward of
 ``IDLEModel`` (no optimizer step). Runs are interleaved (bare, idle, …, bare, idle, …) so load
-from other processes hits all rows alike; the table shows medians. Peak memory: CUDA peak
-allocation on GPU; on CPU the rise of the process's peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs``) during the step. The ID model is an untrained SASRec (timing only).
+from other processes hits all rows alike; the table shows medians. Memory: ``saved MiB`` is what
+autograd keeps for the backward pass (tensors saved by the forward, parameters excluded) — the
+part of a step's memory the adapter design changes; on GPU also the CUDA peak allocation
+during the step. (CPU peak RSS says little: the allocator keeps freed memory.) The ID model
+is an untrained SASRec (timing only). On a shared, loaded CPU use ``--threads 1``: OpenMP
+barriers then stall small ops and penalise the short tail pass unfairly.
 """
 
 from __future__ import annotations
@@ -46,40 +49,38 @@ def synthetic_titles(num_items: int, seed: int = 0) -> list[str]:
     return titles
 
 
-class PeakMemory:
-    """Peak memory rise (MiB) over a block: CUDA allocator or process RSS high-water mark."""
+class StepMemory:
+    """Autograd-saved bytes (parameters excluded) and, on CUDA, peak allocation rise, in MiB."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, parameters):
         self.device = device
-        self.mib = float("nan")
-
-    @staticmethod
-    def _rss_kib(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        return 0
+        self.param_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.saved_mib = 0.0
+        self.peak_mib = float("nan")
 
     def __enter__(self):
+        self.storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.param_storages:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self.hooks.__enter__()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            except OSError:
-                pass
-            self.start = self._rss_kib("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        self.saved_mib = sum(self.storages.values()) / 2**20
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = self._rss_kib("VmHWM") * 1024
-        self.mib = (peak - self.start) / 2**20
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
 
 
 def main() -> None:
@@ -139,11 +140,13 @@ def main() -> None:
     steps = {"bare": bare_step, **{v: (lambda v=v: variant_step(v)) for v in variants}}
     times = {name: [] for name in steps}
     memory = {name: [] for name in steps}
+    peaks = {name: [] for name in steps}
+    all_params = list(backbone.model.parameters()) + [p for m in models.values() for p in m.parameters()]
     for name, step in steps.items():  # warm-up
         step()
     for _ in range(args.repeats):
         for name, step in steps.items():
-            with PeakMemory(device) as peak:
+            with StepMemory(device, all_params) as mem:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -151,13 +154,14 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-            memory[name].append(peak.mib)
+            memory[name].append(mem.saved_mib)
+            peaks[name].append(mem.peak_mib)
 
     print(f"backbone={args.backbone} device={device} threads={torch.get_num_threads()} batch={args.batch} "
           f"k={args.prompt_length} w={args.projection_width} r={args.refine_width} "
           f"tokens/row={ids.shape[1]} (prefix {int(bare_batch['id_start'][0])}) repeats={args.repeats}")
     bare = statistics.median(times["bare"])
-    header = f"{'variant':<16}{'trainable':>12}{'frozen':>13}{'step s':>9}{'ms/sample':>11}{'vs bare':>9}{'peak MiB':>10}"
+    header = f"{'variant':<16}{'trainable':>12}{'frozen(LLM+ID)':>16}{'step s':>9}{'ms/sample':>11}{'vs bare':>9}{'saved MiB':>11}{'peak MiB':>10}"
     print(header)
     print("-" * len(header))
     for name in steps:
@@ -167,8 +171,8 @@ def main() -> None:
             counts = models[name].parameter_counts()
             trainable, frozen = counts["trainable"], counts["frozen"]
         med = statistics.median(times[name])
-        print(f"{name:<16}{trainable:>12,}{frozen:>13,}{med:>9.3f}{1000 * med / args.batch:>11.1f}"
-              f"{med / bare:>9.2f}{statistics.median(memory[name]):>10.0f}")
+        print(f"{name:<16}{trainable:>12,}{frozen:>16,}{med:>9.3f}{1000 * med / args.batch:>11.1f}"
+              f"{med / bare:>9.2f}{statistics.median(memory[name]):>11.1f}{statistics.median(peaks[name]):>10.0f}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ class IDLEModel(nn.Module):
         self.mmd_within_sample_cap = mmd_within_sample_cap
         hidden = backbone.hidden_size
         with torch.no_grad():
-            num_rows, id_dim = id_model.item_table().shape
+            # A frozen copy as a buffer: buffers are never partitioned by ZeRO-3, so scoring works
+            # outside the engine's forward (evaluation) and needs no parameter gather.
+            self.register_buffer("item_table_frozen", id_model.item_table().detach().clone(), persistent=False)
+            num_rows, id_dim = self.item_table_frozen.shape
         self.num_items = num_rows - 1
         self.id_dim = id_dim
 
@@ -270,8 +273,7 @@ class IDLEModel(nn.Module):
         return self.forward({k: v for k, v in batch.items() if k != "target"})["scores"]
 
     def _scores(self, readout: Tensor) -> Tensor:
-        with torch.no_grad():
-            table = self.id_model.item_table()  # (N + 1, d), frozen
+        table = self.item_table_frozen  # (N + 1, d), frozen
         z = self.adapter.head(readout.to(self.adapter.head.weight.dtype))  # (B, d)
         scores = z @ table.to(z.dtype).transpose(0, 1)  # (B, N + 1)
         if self.adapter.item_bias is not None:
@@ -334,7 +336,8 @@ class IDLEModel(nn.Module):
         align = self.adapter.alignment
         h = align(user_state.to(align.fc_in.weight.dtype))  # (B, k, D)
         batch_size, k, hidden = h.shape
-        per_layer = self.adapter.refinement(h) if self.adapter.refinement is not None else {}
+        refinement = self.adapter.refinement
+        per_layer = dict(zip(refinement.layer_ids, refinement(h))) if refinement is not None else {}
         inject = {layer: p.reshape(batch_size * k, hidden) for layer, p in per_layer.items()}
         if 0 not in inject:
             inject[0] = h.reshape(batch_size * k, hidden)  # layer 0 always sees ID tokens
@@ -345,7 +348,7 @@ class IDLEModel(nn.Module):
         item_pos, item_ids = batch["item_pos"], batch["item_ids"]
         b_idx, h_idx = torch.nonzero(item_pos >= 0, as_tuple=True)
         with torch.no_grad():
-            emb = self.id_model.item_table()[item_ids[b_idx, h_idx]]  # (M, d)
+            emb = self.item_table_frozen[item_ids[b_idx, h_idx]]  # (M, d)
         values = self.adapter.item_proj(emb.to(self.adapter.head.weight.dtype))  # (M, D)
         return b_idx, item_pos[b_idx, h_idx], values
 

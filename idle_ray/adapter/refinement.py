@@ -63,9 +63,13 @@ class LayerwiseRefinement(nn.Module):
             raise ValueError(f"duplicate refined layers: {self.layer_ids}")
         self.blocks = nn.ModuleDict({str(i): RefinementBlock(hidden_size, bottleneck) for i in self.layer_ids})
 
-    def forward(self, h: Tensor) -> dict[int, Tensor]:
-        """``h (B, k, D)`` -> ``{layer: p^(layer) (B, k, D)}``."""
-        return {i: self.blocks[str(i)](h) for i in self.layer_ids}
+    def forward(self, h: Tensor) -> list[Tensor]:
+        """``h (B, k, D)`` -> ``[p^(layer) (B, k, D) for layer in layer_ids]``.
+
+        A list, not a dict keyed by layer: DeepSpeed ZeRO-3's module hooks walk dict outputs
+        assuming string keys.
+        """
+        return [self.blocks[str(i)](h) for i in self.layer_ids]
 
 
 # --------------------------------------------------------------------------- hooks

