@@ -12,7 +12,7 @@ from idle_ray.config import load_config
 def tiny_cfg(tmp_path, prepared, **over):
     sets = {"name": "t", "data.dataset": "csv", "data.path": "unused.csv", "data.max_history": 8,
             "id_model.hidden_size": 16, "id_model.num_heads": 2, "id_model.dropout": 0.1,
-            "pretrain.epochs": 2, "pretrain.batch_size": 64, "pretrain.lr": 0.01, "pretrain.num_workers": 2,
+            "pretrain.epochs": 2, "pretrain.batch_size": 16, "pretrain.lr": 0.01, "pretrain.num_workers": 2,
             "pretrain.cpus_per_worker": 0.5, "train.storage_path": str(tmp_path / "runs"), "train.log_every": 5}
     sets.update(over)
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
@@ -27,8 +27,11 @@ def run(cfg, prepared, name, **kw):
 
 def steps_per_epoch(prepared, cfg):
     import math
+
+    from idle_ray.data.pipeline import sample_count
     per_worker = cfg.pretrain.batch_size // cfg.pretrain.num_workers
-    return math.ceil(prepared.manifest["splits"]["train"] / (per_worker * cfg.pretrain.num_workers))
+    samples = sample_count(prepared, "train", cfg.data.max_history, windows=cfg.pretrain.sample_mode == "window")
+    return math.ceil(samples / (per_worker * cfg.pretrain.num_workers))
 
 
 def test_two_workers_train_learn_and_resume_by_name(ray_local, tiny_prepared, tmp_path):

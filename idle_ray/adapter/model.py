@@ -82,6 +82,35 @@ def is_trainable(name: str) -> bool:
     return name.startswith(ADAPTER_PREFIX)
 
 
+class OutputHead(nn.Module):
+    """``z = W_o r + b_o`` and ``scores = z · item_tableᵀ + item_bias``, padding column ``-inf``.
+
+    The item bias lives here (not loose on the container) so that it is used inside a module
+    forward, where DeepSpeed ZeRO-3 gathers a partitioned parameter.
+
+    Args:
+        hidden_size: ``D``, width of the read-out state.
+        id_dim: ``d``, width of the ID model's item table.
+        num_rows: ``N + 1``, rows of the item table.
+        use_item_bias: add a trainable per-item bias (zero-initialised).
+    """
+
+    def __init__(self, hidden_size: int, id_dim: int, num_rows: int, use_item_bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, id_dim)  # W_o, b_o
+        self.item_bias = nn.Parameter(torch.zeros(num_rows)) if use_item_bias else None
+
+    def forward(self, readout: Tensor, item_table: Tensor) -> Tensor:
+        """``readout (B, D)``, ``item_table (N + 1, d)`` -> ``scores (B, N + 1)``."""
+        z = self.proj(readout.to(self.proj.weight.dtype))  # (B, d)
+        scores = z @ item_table.to(z.dtype).transpose(0, 1)  # (B, N + 1)
+        if self.item_bias is not None:
+            scores = scores + self.item_bias.to(scores.dtype)
+        pad = torch.zeros_like(scores[0], dtype=torch.bool)
+        pad[0] = True
+        return scores.masked_fill(pad, float("-inf"))
+
+
 class _Adapter(nn.Module):
     """Container of everything that trains; its attribute name makes the ``adapter.`` prefix."""
 
@@ -90,8 +119,7 @@ class _Adapter(nn.Module):
         self.alignment: DimensionAlignment | None = None
         self.refinement: LayerwiseRefinement | None = None
         self.item_proj: nn.Sequential | None = None
-        self.head: nn.Linear | None = None
-        self.item_bias: nn.Parameter | None = None
+        self.head: OutputHead | None = None
 
 
 class IDLEModel(nn.Module):
@@ -100,7 +128,8 @@ class IDLEModel(nn.Module):
     Args:
         backbone: the frozen LLM (:func:`idle_ray.llm.backbone.load_backbone`).
         id_model: frozen ID model with ``user_state(history (B, T)) -> (B, d)`` and
-            ``item_table() -> (N + 1, d)`` (row 0 padding).
+            ``item_table() -> (N + 1, d)`` (row 0 padding). Load its weights before building
+            this model: the item table is copied once, here (it is frozen).
         variant: one of ``VARIANTS`` (see module docstring).
         prompt_length: ``k``, number of ID tokens (ignored, i.e. 0, for ``llm_only``/``llara``).
         projection_width: ``w``, inner width of the alignment MLP (and of LLaRA's item MLP).
@@ -171,9 +200,7 @@ class IDLEModel(nn.Module):
             self.adapter.item_proj = nn.Sequential(
                 nn.Linear(id_dim, projection_width), nn.GELU(), nn.Linear(projection_width, hidden)
             )
-        self.adapter.head = nn.Linear(hidden, id_dim)  # W_o, b_o
-        if use_item_bias:
-            self.adapter.item_bias = nn.Parameter(torch.zeros(num_rows))
+        self.adapter.head = OutputHead(hidden, id_dim, num_rows, use_item_bias)
 
         if variant == "idle_no_refine":
             self.mmd_layers: tuple[int, ...] = (0,)
@@ -273,17 +300,10 @@ class IDLEModel(nn.Module):
         return self.forward({k: v for k, v in batch.items() if k != "target"})["scores"]
 
     def _scores(self, readout: Tensor) -> Tensor:
-        table = self.item_table_frozen  # (N + 1, d), frozen
-        z = self.adapter.head(readout.to(self.adapter.head.weight.dtype))  # (B, d)
-        scores = z @ table.to(z.dtype).transpose(0, 1)  # (B, N + 1)
-        if self.adapter.item_bias is not None:
-            scores = scores + self.adapter.item_bias
-        pad = torch.zeros_like(scores[0], dtype=torch.bool)
-        pad[0] = True
-        return scores.masked_fill(pad, float("-inf"))
+        return self.adapter.head(readout, self.item_table_frozen)  # (B, N + 1)
 
     def _prepare(self, batch: Mapping) -> dict[str, Tensor]:
-        device = self.adapter.head.weight.device
+        device = self.adapter.head.proj.weight.device
         out = {}
         for key, value in batch.items():
             if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
@@ -349,7 +369,7 @@ class IDLEModel(nn.Module):
         b_idx, h_idx = torch.nonzero(item_pos >= 0, as_tuple=True)
         with torch.no_grad():
             emb = self.item_table_frozen[item_ids[b_idx, h_idx]]  # (M, d)
-        values = self.adapter.item_proj(emb.to(self.adapter.head.weight.dtype))  # (M, D)
+        values = self.adapter.item_proj(emb.to(self.adapter.head.proj.weight.dtype))  # (M, D)
         return b_idx, item_pos[b_idx, h_idx], values
 
     def _encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -429,7 +449,7 @@ class IDLEModel(nn.Module):
 
     def _mmd(self, mmd_tokens: dict[int, Tensor], text_states: dict[int, Tensor]) -> Tensor:
         if not mmd_tokens:
-            device = self.adapter.head.weight.device
+            device = self.adapter.head.proj.weight.device
             return torch.zeros((), device=device)
         terms = [
             mmd2(tokens, text_states[layer], within_sample_cap=self.mmd_within_sample_cap)
