@@ -21,10 +21,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Join a running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start an embedded one."""
     if ray.is_initialized():
         return
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if not os.environ.get("RAY_ADDRESS"):
+        # Embedded local Ray: workers start in another folder, so they need the package on their
+        # path (under `ray job submit` the job's working_dir provides it).
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     # The dashboard serves the state API that Ray Train/Tune use to release stopped runs' resources.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
-                                       "TRANSFORMERS_OFFLINE": "1"}})
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
