@@ -9,6 +9,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP barrier stalls when
+    the 2-core CI box is shared. Restored after the module that asks for it."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end checks (run with -m slow)")
 

@@ -32,14 +32,7 @@ K = 3
 FIRST_CHILD = {"tiny-decoder": "input_layernorm", "tiny-gpt2": "ln_1", "tiny-encoder": "attention"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP barrier stalls when
-    the 2-core CI box is shared. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

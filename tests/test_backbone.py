@@ -19,14 +19,7 @@ TINY = {"tiny-decoder": ("decoder", "LlamaModel"), "tiny-gpt2": ("decoder", "GPT
         "tiny-encoder": ("encoder", "BertModel")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP barrier stalls when
-    the 2-core CI box is shared. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.mark.parametrize("name", list(TINY))

@@ -8,7 +8,6 @@ worker; nothing materialises the full dataset on one node.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import ray
 import ray.data
@@ -81,7 +80,7 @@ def sample_count(prepared: PreparedDataset, split: str, max_history: int, target
 
 
 def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                       transform: Callable | None = None, windows: bool = False):
+                       windows: bool = False):
     """Single-process baseline: pyarrow + numpy, same transformation, one shard at a time.
 
     Used by tests (equivalence with the Ray pipeline) and by the data benchmark.
@@ -90,4 +89,4 @@ def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, 
     for f in sorted(Path(prepared.sequences_dir).glob("part-*.parquet")):
         out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user,
                             windows)
-        yield transform(out) if transform else out
+        yield out

@@ -94,11 +94,14 @@ def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_arti
 def prompt_stage_kwargs(cfg: ExperimentConfig, prepared: PreparedDataset) -> dict:
     """Keyword arguments of the Ray Data tokenisation stage (:func:`encode_prompts`)."""
     a = cfg.adapter
-    return {"backbone": cfg.llm.backbone, "cache_dir": cfg.llm.cache_dir or None,
+    kwargs = {"backbone": cfg.llm.backbone, "cache_dir": cfg.llm.cache_dir or None,
             "template": cfg.prompt.template, "max_history": cfg.prompt.max_history,
             "max_tokens": cfg.prompt.max_tokens, "titles": prepared.item_titles(),
             "prompt_length": a.prompt_length if a.variant in ("idle", "idle_no_refine", "idle_no_mmd") else 0,
             "item_slots": a.variant == "llara"}
+    # Hashed once here; the per-batch stage only looks its cached encoder up by this key.
+    kwargs["cache_key"] = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()
+    return kwargs
 
 
 _ENCODERS: dict = {}
@@ -110,7 +113,7 @@ def encode_prompts(batch: dict, **kwargs) -> dict:
     The :class:`PromptEncoder` (tokenizer + pre-tokenised titles) is built once per worker
     process and reused by every later batch with the same settings.
     """
-    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()
+    key = kwargs["cache_key"]
     encoder = _ENCODERS.get(key)
     if encoder is None:
         from idle_ray.llm.backbone import load_tokenizer

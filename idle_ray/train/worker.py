@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -75,9 +74,8 @@ class RayContext:
         kw = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
         yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kw)
 
-    def get_checkpoint_dir(self):
-        ckpt = self.train.get_checkpoint()
-        return ckpt
+    def get_checkpoint(self):
+        return self.train.get_checkpoint()
 
     def report(self, metrics: dict, ckpt_dir: str | None):
         from ray.train import Checkpoint
@@ -91,7 +89,6 @@ class LocalContext:
         self.rank, self.world = 0, 1
         self.windows = windows
         self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir
-        self.latest = None
 
     def batches(self, split: str, batch_size: int, seed: int | None = None):
         from idle_ray.data.pipeline import local_numpy_reader
@@ -105,7 +102,7 @@ class LocalContext:
                 b = {k: v[idx] for k, v in block.items()}
                 yield self.stage(b) if self.stage else b
 
-    def get_checkpoint_dir(self):
+    def get_checkpoint(self):
         return None
 
     def report(self, metrics: dict, ckpt_dir: str | None):
@@ -113,7 +110,6 @@ class LocalContext:
         if ckpt_dir:
             dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}"
             shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
-            self.latest = dest
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -194,7 +190,7 @@ def _candidate_checkpoints(latest_dir: str | None, run_dir: str | None) -> list[
 
 def _try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None:
     """Load the latest readable checkpoint (older ones on failure, with a warning)."""
-    ckpt = ctx.get_checkpoint_dir()
+    ckpt = ctx.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as latest:
