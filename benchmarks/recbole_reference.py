@@ -9,6 +9,11 @@ Usage::
     .venv-recbole/bin/python benchmarks/recbole_reference.py \\
         --prepared runs/prepared/ml100k --model SASRec --seed 0 --epochs 300 \\
         --out artifacts/recbole/ml100k_SASRec_seed0.json
+    # the same on a GPU, for quality runs that CPU time cannot finish (any Python with a CUDA
+    # torch and RecBole 1.2.1's runtime; figures agree with CPU runs up to RNG/float differences)
+    python benchmarks/recbole_reference.py \\
+        --prepared runs/prepared/ml100k --model SASRec --seed 0 --device cuda \\
+        --out artifacts/recbole/ml100k_SASRec_seed0.json
     # speed only: N training epochs, no evaluation
     .venv-recbole/bin/python benchmarks/recbole_reference.py \\
         --prepared runs/prepared/ml1m --model SASRec --time-epochs 3 \\
@@ -62,7 +67,9 @@ same score matrices at full precision with *pessimistic* ties (our protocol):
 ``rank = #{scores > s_target} + #{other items with score == s_target}`` (0-based),
 ``hr@k = rank < k``, ``ndcg@k = 1/log2(rank+2)`` if ``rank < k``, ``mrr@k`` likewise,
 and full ``mrr = 1/(rank+1)``; ``tie_fraction`` is the share of users whose target
-shares its score with at least one other item.
+shares its score with at least one other item.  ``valid_masked``/``test_masked`` apply our
+*whole* protocol to the same scores: pessimistic ties and every item of the user's sequence
+before the target masked (RecBole masks none) -- the figures to set beside ours.
 ``best_epoch`` is RecBole's 0-based epoch index of the best valid NDCG@10 (RecBole keeps
 the *later* epoch on equal rounded scores: ``value >= best``).  ``train_seconds`` is the
 wall time of ``Trainer.fit`` (training + per-epoch validation); ``seconds_per_epoch``
@@ -80,6 +87,12 @@ removed when the final JSON is written.
 trains only its first M batches; ``measured_seconds`` holds those wall times and
 ``epoch_seconds``/``median`` are scaled to a full epoch (``x batches_per_epoch / M``),
 flagged ``extrapolated: true`` -- for data sets whose full epochs take too long here.
+With ``--batches NPZ`` the N passes go over the batches in that file instead of RecBole's
+loader (``benchmarks/sasrec_epoch_speed.py`` writes it, so both implementations are timed on
+the very same samples); mode ``time_batches``, ``step_seconds_median``.
+
+Under numpy >= 2 (e.g. a GPU image) three aliases RecBole 1.2.1 needs are restored first
+(``numpy2_compat``); nothing else differs.
 
 How RecBole 1.2.1 ranks and breaks ties (read from recbole/evaluator/collector.py,
 recbole/evaluator/metrics.py, recbole/trainer/trainer.py, recbole/data/dataloader/)
@@ -203,7 +216,24 @@ def write_atomic_files(workdir: Path, users, seqs, num_items: int, write_item_fi
 
 
 # ----------------------------------------------------------------------- RecBole
+def numpy2_compat():
+    """Let RecBole 1.2.1 import under numpy >= 2 (e.g. a GPU image whose numpy is 2.x).
+
+    RecBole's ``Config.compatibility_settings`` aliases ``np.float = np.float_`` etc.; numpy 2
+    removed ``float_``, ``complex_`` and ``unicode_``.  Restoring those three aliases (to the
+    types they always named) is all it needs; nothing about the algorithm changes.  A no-op
+    under numpy 1.x (``.venv-recbole``).
+    """
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
+            if old not in np.__dict__:
+                setattr(np, old, new)
+
+
 def import_recbole():
+    numpy2_compat()
     import torch
     import recbole
     from recbole.config import Config
@@ -256,9 +286,9 @@ def build_config_dict(args, data_path: Path, workdir: Path, write_item_file: boo
         "train_batch_size": 2048,
         "eval_batch_size": 4096,
         # environment
-        "device": "cpu",
-        "use_gpu": False,
-        "gpu_id": "",
+        "device": args.device,
+        "use_gpu": args.device == "cuda",
+        "gpu_id": "0" if args.device == "cuda" else "",
         "seed": args.seed,
         "reproducibility": True,
         "show_progress": False,
@@ -306,11 +336,51 @@ def pessimistic_metrics(ranks, topk) -> dict:
     return out
 
 
-def make_trainer_class(base):
+def our_to_recbole_items(dataset, iid_field: str, num_items: int):
+    """int64 array mapping our dense item id ``i`` (RecBole token ``str(i)``) to RecBole's own id."""
+    import numpy as np
+
+    remap = np.zeros(num_items + 1, dtype=np.int64)
+    remap[1:] = dataset.token2id(iid_field, [str(i) for i in range(1, num_items + 1)])
+    return remap
+
+
+def earlier_items_lookup(dataset, config, users, seqs, num_items: int):
+    """``f(recbole_user_ids, recbole_targets) -> [earlier items of each user, RecBole ids]``.
+
+    "Earlier items" is our protocol's mask: every item of the user's full sequence before the
+    target (the valid target sits at position n-2, the test target at n-1).
+    """
+    import numpy as np
+
+    remap = our_to_recbole_items(dataset, config["ITEM_ID_FIELD"], num_items)
+    tokens = dataset.id2token(config["USER_ID_FIELD"], np.arange(1, dataset.user_num))
+    by_user = {int(u): s for u, s in zip(users, seqs)}
+    rb_seqs = [None] + [remap[by_user[int(t)]] for t in tokens]
+
+    def earlier(user_ids, targets):
+        out = []
+        for u, t in zip(user_ids, targets):
+            seq = rb_seqs[int(u)]
+            if seq[-1] == t:
+                out.append(seq[:-1])
+            elif seq[-2] == t:
+                out.append(seq[:-2])
+            else:
+                raise RuntimeError(f"target {t} of RecBole user {u} is neither its valid nor its test item")
+        return out
+
+    return earlier
+
+
+def make_trainer_class(base, earlier=None):
     """Subclass of RecBole's trainer: best weights in memory, per-epoch timing, and
-    pessimistic ranks of every evaluated target (from the same score matrix RecBole uses)."""
+    pessimistic ranks of every evaluated target (from the same score matrix RecBole uses);
+    with ``earlier`` (see :func:`earlier_items_lookup`) also the ranks under our full protocol:
+    pessimistic ties *and* the user's earlier items masked."""
     from time import perf_counter
 
+    import numpy as np
     import torch
 
     class ReferenceTrainer(base):
@@ -321,7 +391,9 @@ def make_trainer_class(base):
             self.best_epoch = None
             self._best_state = None
             self._rank_chunks = []
+            self._masked_chunks = []
             self._tie_count = 0
+            uid_field = config["USER_ID_FIELD"]
             collector = self.eval_collector
             orig_collect = collector.eval_batch_collect
 
@@ -330,9 +402,22 @@ def make_trainer_class(base):
                 greater = (scores_tensor > target).sum(dim=1)
                 ties = (scores_tensor == target).sum(dim=1) - 1
                 rank = torch.zeros(scores_tensor.shape[0], dtype=torch.long)
-                rank[positive_u] = (greater + ties).cpu().long()  # one positive per row
+                rank[positive_u.cpu()] = (greater + ties).cpu().long()  # one positive per row
                 self._rank_chunks.append(rank)
                 self._tie_count += int((ties > 0).sum())
+                if earlier is not None:
+                    rows, items = positive_u.cpu(), positive_i.cpu()
+                    seen = earlier(interaction[uid_field].cpu()[rows].numpy(), items.numpy())
+                    mask = torch.zeros(scores_tensor.shape, dtype=torch.bool)
+                    mask[torch.repeat_interleave(rows, torch.tensor([len(x) for x in seen])),
+                         torch.from_numpy(np.concatenate(seen))] = True
+                    mask[rows, items] = False  # the target is never masked
+                    keep = ~mask.to(scores_tensor.device)
+                    greater_m = ((scores_tensor > target) & keep).sum(dim=1)
+                    ties_m = ((scores_tensor == target) & keep).sum(dim=1) - 1
+                    masked = torch.zeros(scores_tensor.shape[0], dtype=torch.long)
+                    masked[rows] = (greater_m + ties_m).cpu().long()
+                    self._masked_chunks.append(masked)
                 return orig_collect(scores_tensor, interaction, positive_u, positive_i)
 
             collector.eval_batch_collect = collect
@@ -365,11 +450,13 @@ def make_trainer_class(base):
 
         def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
             self._rank_chunks = []
+            self._masked_chunks = []
             self._tie_count = 0
             result = super().evaluate(eval_data, load_best_model=load_best_model,
                                       model_file=model_file, show_progress=show_progress)
             self.last_ranks = torch.cat(self._rank_chunks) if self._rank_chunks else None
             self.last_tie_fraction = (self._tie_count / len(self.last_ranks)) if self._rank_chunks else None
+            self.last_masked_ranks = torch.cat(self._masked_chunks) if self._masked_chunks else None
             return result
 
     return ReferenceTrainer
@@ -391,6 +478,58 @@ def write_json_atomic(path: Path, payload: dict):
         raise
 
 
+def time_given_batches(args, trainer, dataset, config, torch, np, log) -> dict:
+    """Time RecBole's own training step (``Trainer._train_epoch``: forward, CE loss, backward,
+    Adam step) on exactly the batches another implementation is timed on.
+
+    NPZ arrays: ``history`` (S, T) int, right-padded (RecBole's layout), ``length`` (S,),
+    ``target`` (S,), ``batch_size`` () -- all in *our* dense item ids, mapped here to RecBole's
+    internal ids through its token map (our id ``i`` is RecBole token ``str(i)``).  One
+    untimed warm-up step on the first batch, then ``--time-epochs`` timed passes over the
+    remaining batches.
+    """
+    from recbole.data.interaction import Interaction
+
+    data = np.load(args.batches)
+    batch_size = int(data["batch_size"])
+    history, length, target = data["history"], data["length"], data["target"]
+    if history.shape[1] != config["MAX_ITEM_LIST_LENGTH"]:
+        raise SystemExit(f"batches have length {history.shape[1]}, RecBole MAX_ITEM_LIST_LENGTH "
+                         f"is {config['MAX_ITEM_LIST_LENGTH']}")
+    iid = config["ITEM_ID_FIELD"]
+    num_items = int(dataset.item_num) - 1
+    remap = our_to_recbole_items(dataset, iid, num_items)
+    batches = []
+    for lo in range(0, len(target), batch_size):
+        batches.append(Interaction({
+            iid + config["LIST_SUFFIX"]:
+                torch.from_numpy(remap[history[lo:lo + batch_size]]),
+            config["ITEM_LIST_LENGTH_FIELD"]: torch.from_numpy(length[lo:lo + batch_size].astype(np.int64)),
+            iid: torch.from_numpy(remap[target[lo:lo + batch_size]]),
+        }))
+    warm, timed = batches[:1], batches[1:]
+    if not timed:
+        raise SystemExit("--batches needs at least 2 batches (1 warm-up + timed ones)")
+    trainer.model.train()
+    trainer._train_epoch(warm, 0, show_progress=False)
+    measured = []
+    for rep in range(args.time_epochs):
+        t0 = time.perf_counter()
+        loss = trainer._train_epoch(timed, rep + 1, show_progress=False)
+        measured.append(time.perf_counter() - t0)
+        log.info("pass %d: %.2fs for %d batches (%.3fs/step), loss %s", rep, measured[-1], len(timed),
+                 measured[-1] / len(timed), loss)
+    del trainer.epoch_train_seconds[:]
+    return {
+        "mode": "time_batches",
+        "batches": len(timed),
+        "batch_size": batch_size,
+        "pass_seconds": measured,
+        "step_seconds": [m / len(timed) for m in measured],
+        "step_seconds_median": statistics.median(measured) / len(timed),
+    }
+
+
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -409,8 +548,14 @@ def parse_args(argv=None):
     p.add_argument("--max-batches", type=int, default=None, metavar="M",
                    help="with --time-epochs: time only the first M batches of each epoch and "
                         "scale to a full epoch (JSON says extrapolated: true)")
+    p.add_argument("--batches", type=Path, default=None, metavar="NPZ",
+                   help="with --time-epochs N: instead of RecBole's own loader, train N passes over "
+                        "the batches in NPZ (our item ids; written by benchmarks/sasrec_epoch_speed.py) "
+                        "after one untimed warm-up step; JSON mode 'time_batches'")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where RecBole trains (cuda: a GPU, for quality runs that CPU time cannot finish)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir with the atomic files")
     return p.parse_args(argv)
 
@@ -441,7 +586,6 @@ def main(argv=None):
     old_cwd = os.getcwd()
     try:
         data_path = write_atomic_files(workdir, users, seqs, num_items, write_item_file)
-        del seqs
         # RecBole writes ./log_tensorboard (and would write ./log) relative to the cwd.
         os.chdir(workdir)
         epochs = args.time_epochs if args.time_epochs is not None else args.epochs
@@ -463,7 +607,8 @@ def main(argv=None):
 
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
         model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-        trainer = make_trainer_class(get_trainer(config["MODEL_TYPE"], config["model"]))(config, model)
+        earlier = earlier_items_lookup(dataset, config, users, seqs, num_items)
+        trainer = make_trainer_class(get_trainer(config["MODEL_TYPE"], config["model"]), earlier)(config, model)
         assert not torch.is_anomaly_enabled(), "autograd anomaly detection must be off"
         ours = manifest.get("splits") or {}
         theirs = {"train": len(train_data._dataset), "valid": len(valid_data._dataset),
@@ -488,6 +633,13 @@ def main(argv=None):
             "torch_version": torch.__version__,
             "recbole_version": recbole.__version__,
         }
+
+        if args.time_epochs is not None and args.batches is not None:
+            payload = time_given_batches(args, trainer, dataset, config, torch, np, log)
+            write_json_atomic(out_path, {**common, **payload, "config": jsonable(config.final_config_dict)})
+            log.info("median step %.3fs over %d batches -> %s", payload["step_seconds_median"],
+                     payload["batches"], out_path)
+            return 0
 
         if args.time_epochs is not None:
             model.train()
@@ -536,7 +688,8 @@ def main(argv=None):
                 res = trainer.evaluate(test_data, load_best_model=False)
                 torch.set_rng_state(states[0]); np.random.set_state(states[1]); random.setstate(states[2])
                 at_best.update(epoch=epoch_idx, test=rename_metrics(res),
-                               test_pessimistic=pessimistic_metrics(trainer.last_ranks, topk))
+                               test_pessimistic=pessimistic_metrics(trainer.last_ranks, topk),
+                               test_masked=pessimistic_metrics(trainer.last_masked_ranks, topk))
             elapsed = time.perf_counter() - t0
             write_json_atomic(partial_path, {
                 "mode": "train_eval", "complete": False, **common,
@@ -544,6 +697,7 @@ def main(argv=None):
                 "best_epoch": trainer.best_epoch,
                 "valid": rename_metrics(trainer.best_valid_result),
                 "test": at_best.get("test"), "test_pessimistic": at_best.get("test_pessimistic"),
+                "test_masked": at_best.get("test_masked"),
                 "epoch_train_seconds": trainer.epoch_train_seconds,
             })
             if budget_s is not None:
@@ -569,11 +723,13 @@ def main(argv=None):
         trainer.restore_best()
         valid_again = trainer.evaluate(valid_data, load_best_model=False)
         valid_ranks, valid_ties = trainer.last_ranks, trainer.last_tie_fraction
+        valid_masked = trainer.last_masked_ranks
         if dict(valid_again) != dict(best_valid_result):
             log.warning("re-evaluated valid %s != best valid during fit %s",
                         dict(valid_again), dict(best_valid_result))
         test_result = trainer.evaluate(test_data, load_best_model=False)
         test_ranks, test_ties = trainer.last_ranks, trainer.last_tie_fraction
+        test_masked = trainer.last_masked_ranks
 
         payload = {
             "mode": "train_eval",
@@ -583,6 +739,8 @@ def main(argv=None):
             "test": rename_metrics(test_result),
             "valid_pessimistic": pessimistic_metrics(valid_ranks, topk),
             "test_pessimistic": pessimistic_metrics(test_ranks, topk),
+            "valid_masked": pessimistic_metrics(valid_masked, topk),
+            "test_masked": pessimistic_metrics(test_masked, topk),
             "valid_tie_fraction": valid_ties,
             "test_tie_fraction": test_ties,
             "best_epoch": trainer.best_epoch,

@@ -1,0 +1,176 @@
+"""Benchmark: one SASRec training epoch on CPU, ours vs RecBole 1.2.1, on the very same batches.
+
+    python benchmarks/sasrec_epoch_speed.py --config configs/pretrain_sasrec_ml1m.yaml \\
+        --batch 2048 --steps 5 --repeats 5 --threads 1
+
+Settings shared by both sides: RecBole-style prefix samples (``pretrain.sample_mode=prefix``: one
+sample per training target, history = the previous <= ``max_history`` items), batch ``--batch``,
+SASRec d=64, 2 layers, 2 heads, inner 256, dropout 0.5/0.5, max length 50, Adam(W) lr 1e-3 with
+no weight decay, fp32, ``torch.set_num_threads(--threads)``.
+
+What is timed: one optimisation step from a batch of host tensors -- forward, full-softmax
+cross-entropy, backward, optimizer step. Ours is the pre-training job's own step
+(``worker.train_step`` on the job's DeepSpeed engine, ZeRO-0); RecBole's is its own
+``Trainer._train_epoch`` (run by ``benchmarks/recbole_reference.py --batches`` under
+``.venv-recbole``). Neither side's data loading is timed: both get the same ``--steps`` batches,
+drawn from one seeded shuffle of the whole training split (ours left-padded, RecBole's the same
+rows right-padded with its own item ids). One untimed warm-up step, then ``--repeats`` timed
+passes over the ``--steps`` batches; the step time is the median pass / ``--steps``.
+
+A full ML-1M epoch is ~480 steps of 2048 and takes tens of minutes per side on a small CPU, so
+the per-epoch figure is **extrapolated**: ``steps_per_epoch x median step time`` (stated in the
+table). ``--steps 0`` times whole epochs instead (every batch of the shuffle).
+
+The 1-, 5- and 15-minute load averages are printed before and after each side: on a shared
+machine they say how far to trust the numbers. Do not run it under ``nice``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from idle_ray import cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prefix_samples(prepared, max_history: int) -> dict[str, np.ndarray]:
+    """Every training sample of the split as RecBole builds them (our ``prefix`` mode)."""
+    from idle_ray.data.pipeline import local_numpy_reader
+    blocks = list(local_numpy_reader(prepared, "train", max_history, 0, windows=False))
+    return {k: np.concatenate([b[k] for b in blocks]) for k in ("history", "history_len", "target")}
+
+
+def right_padded(history: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Left-padded (most recent last) rows -> the same items right-padded (RecBole's layout)."""
+    width = history.shape[1]
+    cols = np.arange(width)[None, :]
+    src = cols + (width - length)[:, None]  # position j of the real items
+    return np.where(cols < length[:, None], np.take_along_axis(history, np.clip(src, 0, width - 1), 1), 0)
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def time_ours(cfg, prepared, batches: list[dict], repeats: int) -> list[float]:
+    """Pass times (s) of our pre-training step over ``batches[1:]`` (batch 0: warm-up)."""
+    import torch
+
+    from idle_ray.train.builders import build_pretrain_task
+    from idle_ray.train.engine import init_single_process_group
+    from idle_ray.train.worker import make_engine, train_step
+
+    init_single_process_group()
+    task, _ = build_pretrain_task(cfg, prepared)
+    device = torch.device("cpu")
+    engine = make_engine(task, cfg, device, True, cfg.pretrain.batch_size)
+    engine.train()
+    train_step(engine, batches[0], device)
+    passes = []
+    for rep in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches[1:]:
+            out = train_step(engine, b, device)
+        passes.append(time.perf_counter() - t0)
+        print(f"[ours] pass {rep}: {passes[-1]:.2f}s ({passes[-1] / (len(batches) - 1):.3f}s/step) "
+              f"loss {out['loss'].item():.4f}", flush=True)
+    return passes
+
+
+def time_recbole(python: str, prepared, npz: Path, repeats: int, threads: int, seed: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="sasrec_speed_")) / "recbole.json"
+    cmd = [python, str(REPO / "benchmarks" / "recbole_reference.py"), "--prepared", str(prepared.path),
+           "--model", "SASRec", "--seed", str(seed), "--batches", str(npz), "--time-epochs", str(repeats),
+           "--threads", str(threads), "--out", str(out)]
+    print("[recbole]", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if "pass " in line or "Error" in line or "error" in line:
+            print("[recbole]", line, flush=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"RecBole reference failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def main(argv=None):
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2048, help="samples per step, both sides (RecBole default 2048)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per pass (0: a whole epoch)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per side; the median is reported")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--recbole-python", default=str(REPO / ".venv-recbole" / "bin" / "python"),
+                   help="interpreter with RecBole 1.2.1 (scripts/setup_recbole_venv.sh); '' skips RecBole")
+    p.add_argument("--json", default="", help="also write the results here")
+    args, cfg = cli.parse(p, argv)
+    import torch
+
+    from idle_ray.config import load_config
+    from idle_ray.train import builders
+
+    cfg = load_config(args.config, list(args.overrides) + [
+        "pretrain.sample_mode=prefix", f"pretrain.batch_size={args.batch}", "pretrain.num_workers=1"])
+    if cfg.id_model.name != "sasrec":
+        raise SystemExit("this benchmark times SASRec (id_model.name: sasrec)")
+    torch.set_num_threads(args.threads)
+    prepared = builders.prepare_from_config(cfg)
+    samples = prefix_samples(prepared, cfg.data.max_history)
+    n = len(samples["target"])
+    steps_per_epoch = math.ceil(n / args.batch)
+    steps = steps_per_epoch if args.steps <= 0 else min(args.steps, steps_per_epoch - 1)
+    order = np.random.default_rng(cfg.seed).permutation(n)[: (steps + 1) * args.batch]
+    batches = [{"history": samples["history"][idx], "history_len": samples["history_len"][idx],
+                "target": samples["target"][idx]} for idx in np.array_split(order, steps + 1)]
+    print(f"{prepared.manifest['dataset']}: {n} prefix samples, {steps_per_epoch} steps of {args.batch} per "
+          f"epoch; timing {steps} steps x {args.repeats} passes per side, {args.threads} thread(s)", flush=True)
+
+    rows = []
+    before = load_avg()
+    ours = time_ours(cfg, prepared, batches, args.repeats)
+    rows.append(("ours (jobs/pretrain.py step)", statistics.median(ours) / steps, before, load_avg()))
+
+    if args.recbole_python:
+        workdir = Path(tempfile.mkdtemp(prefix="sasrec_speed_"))
+        npz = workdir / "batches.npz"
+        hist = np.concatenate([b["history"] for b in batches]).astype(np.int64)
+        length = np.concatenate([b["history_len"] for b in batches]).astype(np.int64)
+        np.savez(npz, history=right_padded(hist, length), length=length,
+                 target=np.concatenate([b["target"] for b in batches]).astype(np.int64),
+                 batch_size=np.int64(len(batches[0]["target"])))
+        before = load_avg()
+        ref = time_recbole(args.recbole_python, prepared, npz, args.repeats, args.threads, cfg.seed)
+        rows.append((f"RecBole {ref['recbole_version']} (Trainer._train_epoch)", ref["step_seconds_median"],
+                     before, load_avg()))
+
+    base = rows[-1][1]
+    print(f"\nSASRec training step on {prepared.manifest['dataset']}, batch {args.batch}, max length "
+          f"{cfg.data.max_history}, d {cfg.id_model.hidden_size}, {args.threads} thread(s); median of "
+          f"{args.repeats} passes of {steps} steps; epoch = {steps_per_epoch} steps x median step"
+          + (" (extrapolated)" if steps < steps_per_epoch else ""))
+    print("| implementation | s / step | s / epoch | ratio to RecBole | load avg before | load avg after |")
+    print("|---|---|---|---|---|---|")
+    for name, step, lb, la in rows:
+        print(f"| {name} | {step:.3f} | {step * steps_per_epoch:.0f} | {step / base:.2f} | {lb} | {la} |")
+    if args.json:
+        from idle_ray.train.report import write_json
+        write_json(args.json, {"dataset": prepared.manifest["dataset"], "batch": args.batch, "threads": args.threads,
+                               "steps_timed": steps, "repeats": args.repeats, "steps_per_epoch": steps_per_epoch,
+                               "rows": [{"implementation": r[0], "step_seconds": r[1],
+                                         "epoch_seconds": r[1] * steps_per_epoch, "ratio": r[1] / base,
+                                         "load_before": r[2], "load_after": r[3]} for r in rows]})
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
