@@ -140,8 +140,13 @@ class TuneConfig:
     projection_width: list = _f(None, "Choices for w.", factory=lambda: [64, 128, 256, 512, 1024])
     mmd_weight: list = _f(None, "[low, high] log-uniform for lambda.", factory=lambda: [1e-4, 1.0])
     lr: list = _f(None, "[low, high] log-uniform learning rate.", factory=lambda: [1e-4, 1e-2])
-    grace_period: int = _f(1, "ASHA grace period (epochs).", min=1)
-    max_concurrent_trials: int = _f(0, "0: derived from cluster CPUs.", min=0)
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it can be stopped.", min=1)
+    reduction_factor: int = _f(2, "ASHA: keep the top 1/reduction_factor of trials at each rung.", min=2)
+    random_trials: int = _f(4, "TPE: trials sampled at random before the model of the space is used.", min=1)
+    max_concurrent_trials: int = _f(0, "Trials at once; 0: as many as the cluster's CPUs (GPUs when "
+                                    "train.use_gpu) hold, each trial needing its Train workers.", min=0)
+    grid: dict = _f(None, "Benchmark only: values per searched field for the full grid (empty: not used).",
+                    factory=dict)
 
 
 @dataclass
@@ -193,6 +198,10 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: field '{where}' must be a list, got {value!r}")
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field '{where}' must be a mapping, got {value!r}")
+        return value
     raise ConfigError(f"{source}: field '{where}' has unsupported type {tp}")
 
 
@@ -237,6 +246,12 @@ def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"{source}: field 'tune.{key}' must be [low, high] with low <= high, got {v!r}")
     if not t.projection_width or not all(isinstance(x, int) and x > 0 for x in t.projection_width):
         raise ConfigError(f"{source}: field 'tune.projection_width' must be a list of positive integers")
+    for key, values in t.grid.items():
+        if key not in ("prompt_length", "projection_width", "mmd_weight", "lr"):
+            raise ConfigError(f"{source}: field 'tune.grid' has {key!r}; searched fields are prompt_length, "
+                              f"projection_width, mmd_weight, lr")
+        if not isinstance(values, list) or not values or not all(isinstance(x, (int, float)) for x in values):
+            raise ConfigError(f"{source}: field 'tune.grid.{key}' must be a non-empty list of numbers, got {values!r}")
     for p in cfg.eval.protocols:
         if p not in ("full", "sampled", "llara"):
             raise ConfigError(f"{source}: field 'eval.protocols' has {p!r}; choose from full, sampled, llara")

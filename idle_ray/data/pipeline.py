@@ -8,12 +8,13 @@ worker; nothing materialises the full dataset on one node.
 from __future__ import annotations
 
 from pathlib import Path
-
-import ray
-import ray.data
+from typing import TYPE_CHECKING
 
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.data.samples import SPLITS, build_samples
+
+if TYPE_CHECKING:
+    import ray.data
 
 # CPU reserved per data task/actor. Small on purpose: Ray Data's budget is what train workers
 # leave over, split between operators; larger requests can leave an operator unschedulable
@@ -30,14 +31,24 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     ``shuffle`` (default: train only) randomises the block order; the consumer adds a local
     shuffle buffer.  No global shuffle: it would materialise the dataset.
     """
+    import ray.data  # here, not at module level: the standalone worker reads shards without Ray
+
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
     shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
     def read():
         # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
-        return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=DATA_CPUS
-                                     ).select_columns(["user", "items"])
+        # The V2 Parquet path lists files in a task that asks a whole CPU whatever num_cpus says,
+        # which never schedules once Train workers (or several Tune trials) hold the rest; we list
+        # the shards ourselves, so the V1 reader (one 0.1-CPU task per shard) is enough.
+        ctx = ray.data.DataContext.get_current()
+        was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=DATA_CPUS
+                                         ).select_columns(["user", "items"])
+        finally:
+            ctx.use_datasource_v2 = was
 
     ds = read()
     if passes > 1:
