@@ -83,6 +83,27 @@ class StepMemory:
             self.peak_mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
 
 
+def bare_step(backbone, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Frozen forward + activation-backward of ``ids``/``mask (B, T)``: input embeddings require
+    grad, weights do not; loss = sum of the read-out state (last token, or mean for encoders)."""
+    positions = (mask.cumsum(1) - 1).clamp_min(0) if backbone.kind == "decoder" else None
+    embeds = backbone.embed_tokens(ids).detach().requires_grad_(True)
+    hidden = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    readout = hidden[:, -1] if backbone.kind == "decoder" else hidden.mean(1)
+    readout.sum().backward()
+
+
+def timed(step, device: torch.device, clock=time.perf_counter) -> float:
+    """Seconds of one call of ``step()`` on ``clock``, the device synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = clock()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="smollm2-135m")
@@ -124,20 +145,13 @@ def main() -> None:
     bare_batch = batches.get("idle", next(iter(batches.values())))
     ids = torch.as_tensor(bare_batch["input_ids"], device=device)
     mask = torch.as_tensor(bare_batch["attention_mask"], device=device)
-    positions = (mask.cumsum(1) - 1).clamp_min(0) if backbone.kind == "decoder" else None
-
-    def bare_step():
-        embeds = backbone.embed_tokens(ids).detach().requires_grad_(True)
-        hidden = backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-        readout = hidden[:, -1] if backbone.kind == "decoder" else hidden.mean(1)
-        readout.sum().backward()
 
     def variant_step(variant):
         model = models[variant]
         model.zero_grad(set_to_none=True)
         model(batches[variant])["loss"].backward()
 
-    steps = {"bare": bare_step, **{v: (lambda v=v: variant_step(v)) for v in variants}}
+    steps = {"bare": lambda: bare_step(backbone, ids, mask), **{v: (lambda v=v: variant_step(v)) for v in variants}}
     times = {name: [] for name in steps}
     memory = {name: [] for name in steps}
     peaks = {name: [] for name in steps}
@@ -147,13 +161,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, step in steps.items():
             with StepMemory(device, all_params) as mem:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(step, device))
             memory[name].append(mem.saved_mib)
             peaks[name].append(mem.peak_mib)
 

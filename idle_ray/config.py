@@ -77,9 +77,11 @@ class PretrainConfig:
 
 @dataclass
 class LLMConfig:
-    backbone: str = _f("smollm2-135m", "'smollm2-135m', 'minilm-l6', 'tiny-decoder', 'tiny-gpt2', "
+    backbone: str = _f("smollm2-135m", "'smollm2-135m', 'smollm2-135m-random' (its architecture, random "
+                       "weights: throughput runs), 'minilm-l6', 'tiny-decoder', 'tiny-gpt2', "
                        "'tiny-encoder', or a local Hugging Face model folder.")
-    cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray).")
+    cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray); for "
+                        "'smollm2-135m-random' a folder holding its config.json and tokenizer also works.")
     dtype: str = _f("float32", "Backbone dtype.", choices=("float32", "bfloat16", "float16"))
 
 

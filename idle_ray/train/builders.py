@@ -77,12 +77,19 @@ def _dtype(name: str) -> torch.dtype:
 
 def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_artifact: str | Path) -> nn.Module:
     """Frozen backbone + frozen ID model (from its artifact) + the adapter variant of the config."""
-    from idle_ray.adapter.model import IDLEModel
     from idle_ray.llm.backbone import load_backbone
     from idle_ray.models.artifact import load_id_artifact
 
     id_model, _ = load_id_artifact(id_artifact, prepared.manifest["vocab_fingerprint"])
     backbone = load_backbone(cfg.llm.backbone, cache_dir=cfg.llm.cache_dir or None, dtype=_dtype(cfg.llm.dtype))
+    return adapter_model(cfg, backbone, id_model)
+
+
+def adapter_model(cfg: ExperimentConfig, backbone, id_model: nn.Module) -> nn.Module:
+    """The config's adapter variant around an already loaded backbone and ID model (benchmarks
+    build several adapters around one backbone)."""
+    from idle_ray.adapter.model import IDLEModel
+
     torch.manual_seed(cfg.seed)
     a = cfg.adapter
     return IDLEModel(backbone, id_model, variant=a.variant, prompt_length=a.prompt_length,

@@ -223,24 +223,66 @@ def _build_task(config: dict, cfg: ExperimentConfig, prepared):
     return builders.build_adapter_task(cfg, prepared, config["id_artifact"])
 
 
-def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
-    import torch.distributed as dist
-    from idle_ray.train.engine import build_engine
+def worker_device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.train.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    pretrain = config["task"] == "pretrain"
+
+PRECISIONS = ("fp32", "bf16", "bf16-frozen")
+
+
+def make_engine(model, cfg: ExperimentConfig, device: torch.device, pretrain: bool, batch_size: int,
+                zero_stage: int | None = None, precision: str | None = None):
+    """The loop's DeepSpeed engine over the trainable parameters (``model.is_trainable``).
+
+    ``precision``: ``"fp32"``; ``"bf16"`` — DeepSpeed's bf16 mode (it casts the whole module to
+    bf16 and keeps fp32 master weights of the trainable part in its optimizer); ``"bf16-frozen"``
+    — frozen parameters cast to bf16 here, trainable ones stay fp32 in a plain fp32 engine (the
+    frozen LLM has no optimizer state, so DeepSpeed's bf16 machinery buys nothing for it).
+    Default: ``"bf16-frozen"`` for adapters on GPU (``"bf16"`` under ZeRO-3, which partitions
+    every parameter and wants one dtype), else ``"fp32"``. ``zero_stage`` overrides the config's
+    stage (benchmarks compare them).
+    """
+    from idle_ray.train.engine import build_engine
     hp = cfg.pretrain if pretrain else cfg.train
-    tr = cfg.train
-    device = torch.device("cuda", torch.cuda.current_device()) if (tr.use_gpu and torch.cuda.is_available()) \
-        else torch.device("cpu")
+    if zero_stage is None:
+        zero_stage = 0 if pretrain else cfg.train.zero_stage
+    if precision is None:
+        precision = "fp32" if device.type != "cuda" or pretrain else "bf16" if zero_stage == 3 else "bf16-frozen"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model.to(device)
     trainable = [p for n, p in model.named_parameters() if model.is_trainable(n)]
     for n, p in model.named_parameters():
         p.requires_grad_(model.is_trainable(n))
+        if precision == "bf16-frozen" and not model.is_trainable(n):
+            p.data = p.data.to(torch.bfloat16)
+    engine, _, _ = build_engine(
+        model, trainable, micro_batch_size=batch_size, zero_stage=zero_stage,
+        lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=0 if pretrain else cfg.train.warmup_steps,
+        bf16=precision == "bf16", offload_optimizer=False if pretrain else cfg.train.offload_optimizer)
+    return engine
+
+
+def train_step(engine, batch: dict, device: torch.device) -> dict:
+    """One optimisation step on a numpy batch: forward, backward, optimizer step -> the model's outputs."""
+    t = to_tensors(batch, device)
+    out = engine(t)
+    engine.backward(out["loss"])
+    engine.step()
+    return out
+
+
+def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
+    import torch.distributed as dist
+
+    pretrain = config["task"] == "pretrain"
+    hp = cfg.pretrain if pretrain else cfg.train
+    tr = cfg.train
+    device = worker_device(cfg)
     batch_size = hp.batch_size if not pretrain else max(1, hp.batch_size // ctx.world)
-    engine, optimizer, scheduler = build_engine(
-        model, trainable, micro_batch_size=batch_size, zero_stage=0 if pretrain else tr.zero_stage,
-        lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=0 if pretrain else tr.warmup_steps,
-        bf16=device.type == "cuda" and not pretrain, offload_optimizer=False if pretrain else tr.offload_optimizer)
+    engine = make_engine(model, cfg, device, pretrain, batch_size)
 
     epochs = hp.epochs
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
@@ -263,6 +305,7 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     patience = cfg.pretrain.patience if pretrain else 10**9
     fail_at = config.get("fail_at_step")
     t_start, samples_seen = time.perf_counter(), 0
+    timed = None
     done = state["step"] >= total_steps > 0 and bool(tr.max_steps)
 
     while state["epoch"] < epochs and not done and state["bad_epochs"] < patience:
@@ -270,12 +313,15 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         acc = {}
         t_log, n_log = time.perf_counter(), 0
         for batch in ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]):
-            t = to_tensors(batch, device)
-            out = engine(t)
-            engine.backward(out["loss"])
-            engine.step()
+            out = train_step(engine, batch, device)
             state["step"] += 1
             n = len(batch["target"])
+            if timed is None:  # throughput clock starts after the first step (warm-up: kernels, buckets)
+                timed = {"t0": time.perf_counter(), "samples": 0, "tokens": 0}
+            else:
+                timed["samples"] += n * ctx.world
+                timed["tokens"] += int(batch["attention_mask"].sum()) * ctx.world if "attention_mask" in batch else 0
+                timed["t1"] = time.perf_counter()
             n_log += n
             samples_seen += n
             for k, v in out.items():
@@ -336,8 +382,12 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
             dist.barrier()
     if tb:
         tb.close()
-    return {"epoch": state["epoch"], "step": state["step"], "best_val_ndcg@10": state["best"],
-            "best_epoch": state["best_epoch"]}
+    out = {"epoch": state["epoch"], "step": state["step"], "best_val_ndcg@10": state["best"],
+           "best_epoch": state["best_epoch"]}
+    if timed and "t1" in timed:  # this run's training steps (data feed included; evaluation excluded)
+        seconds = timed["t1"] - timed["t0"]
+        out.update(train_samples_per_s=timed["samples"] / seconds, train_tokens_per_s=timed["tokens"] / seconds)
+    return out
 
 
 def train_fn_per_worker(config: dict) -> dict:
@@ -351,6 +401,16 @@ def train_fn_per_worker(config: dict) -> dict:
     return _loop(config, RayContext(), cfg, prepared, model)
 
 
+def local_stage(task: str, cfg: ExperimentConfig, prepared):
+    """The per-batch stage the Ray Data pipeline applies (prompt tokenisation for adapters), as a
+    plain function for :class:`LocalContext`; ``None`` for pre-training."""
+    if task != "adapter":
+        return None
+    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
+    kwargs = prompt_stage_kwargs(cfg, prepared)
+    return lambda batch: encode_prompts(batch, **kwargs)
+
+
 def run_standalone(config: dict) -> dict:
     """The same loop without Ray: world size 1, local shards, checkpoints under ``run_dir``."""
     from idle_ray.train.engine import init_single_process_group
@@ -358,11 +418,7 @@ def run_standalone(config: dict) -> dict:
     cfg = experiment_from_dict(config["experiment"])
     prepared = load_prepared(config["prepared"])
     model = _build_task(config, cfg, prepared)
-    stage = None
-    if config["task"] == "adapter":
-        from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
-        kwargs = prompt_stage_kwargs(cfg, prepared)
-        stage = lambda batch: encode_prompts(batch, **kwargs)  # noqa: E731
+    stage = local_stage(config["task"], cfg, prepared)
     out = Path(config.get("run_dir") or tempfile.mkdtemp(prefix="idle_ray_standalone_"))
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "run_dir": str(out)}
