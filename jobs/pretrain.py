@@ -18,11 +18,10 @@ from idle_ray.config import config_hash  # noqa: E402
 
 def pretrain(cfg, prepared, log=print) -> tuple[str, dict]:
     """Train (or resume / reuse) the ID model; returns (artifact folder, its metadata)."""
-    from safetensors.torch import load_file
-
     from idle_ray.models.artifact import read_id_metadata, save_id_artifact
     from idle_ray.train import builders
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
+    from idle_ray.train.weights import load_weights
 
     out = builders.id_artifact_dir(cfg, prepared)
     if (out / "model.json").is_file():
@@ -34,7 +33,7 @@ def pretrain(cfg, prepared, log=print) -> tuple[str, dict]:
     if result.error:
         raise result.error
     task, kwargs = builders.build_pretrain_task(cfg, prepared)
-    task.load_state_dict(load_file(best_weights(result)))
+    task.load_state_dict(load_weights(best_weights(result)))
     metrics = result.metrics or {}
     save_id_artifact(task.model, out, name=cfg.id_model.name, kwargs=kwargs,
                      vocab_fingerprint=prepared.manifest["vocab_fingerprint"], data_fingerprint=prepared.fingerprint,

@@ -23,9 +23,9 @@ def run_name(cfg) -> str:
 
 def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
     """Train ``cfg.adapter.variant`` (or evaluate the ID model for ``id_only``), then test once."""
-    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
-    from idle_ray.train.evaluate import evaluate
+    from idle_ray.train.evaluate import evaluate, evaluate_adapter
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
+    from idle_ray.train.storage import uri
 
     ensure_ray()
     record = {"variant": cfg.adapter.variant, "seed": cfg.seed, "config_hash": config_hash(cfg),
@@ -38,14 +38,12 @@ def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
     result = run_training(cfg, prepared, task="adapter", run_name=name, id_artifact=artifact)
     if result.error:
         raise result.error
-    record.update(run=name, train_seconds=round(time.time() - t0, 1), checkpoint=result.checkpoint.path,
+    ckpt = result.checkpoint
+    record.update(run=name, train_seconds=round(time.time() - t0, 1), checkpoint=uri(ckpt.filesystem, ckpt.path),
                   best_val_ndcg_at_10=result.metrics.get("best_val_ndcg@10"), epochs=result.metrics.get("epoch"),
                   steps=result.metrics.get("step"), samples_per_s=result.metrics.get("samples_per_s"))
     t1 = time.time()
-    stage = (encode_prompts, prompt_stage_kwargs(cfg, prepared))
-    record["test"] = evaluate(cfg, prepared, "test", kind="adapter", weights=best_weights(result),
-                              id_artifact=artifact, extra_stage=stage,
-                              actors=1, cpus_per_actor=1.0, threads=os.cpu_count() or 1)
+    record["test"] = evaluate_adapter(cfg, prepared, "test", best_weights(result), artifact)
     record["test_seconds"] = round(time.time() - t1, 1)
     return record
 
@@ -54,9 +52,11 @@ def main(argv=None):
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--output", default="", help="write the result JSON here")
     args, cfg = cli.parse(p, argv)
-    from idle_ray.train import builders
+    from idle_ray.train import builders, storage
     from jobs.pretrain import pretrain
 
+    if storage.is_uri(cfg.train.storage_path):  # a bad bucket or endpoint fails now, not after pre-training
+        storage.check_uri(cfg.train.storage_path)
     prepared = builders.prepare_from_config(cfg)
     artifact, _ = pretrain(cfg, prepared)
     record = train_and_test(cfg, prepared, artifact)

@@ -7,6 +7,8 @@ exact however the users are batched or spread over actors.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ray
 
@@ -36,8 +38,8 @@ class Scorer:
         else:
             self.model = builders.build_adapter_task(cfg, ds, id_artifact)
             if weights:
-                from safetensors.torch import load_file
-                self.model.load_adapter_state_dict(load_file(weights))
+                from idle_ray.train.weights import load_weights
+                self.model.load_adapter_state_dict(load_weights(weights))
         self.model.eval()
         self.protocols, self.seed = protocols, seed
 
@@ -61,7 +63,8 @@ def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, ki
              actors: int = 1, cpus_per_actor: float = 1.0, threads: int | None = None, extra_stage=None) -> dict:
     """Metrics on ``split`` ({protocol: {metric: value}}, plus ``users``) computed on Ray.
 
-    ``kind``: "id_model" (the artifact's model) or "adapter" (the config's variant with ``weights``).
+    ``kind``: "id_model" (the artifact's model) or "adapter" (the config's variant with ``weights``,
+    a path or URI).
     """
     protocols = protocols or list(cfg.eval.protocols)
     ds = split_dataset(prepared, split, cfg.data.max_history, extra_stage=extra_stage, shuffle=False,
@@ -85,3 +88,13 @@ def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, ki
     out = {p: finalize(metric_sums(np.concatenate(collected[p]))) for p in protocols}
     out["users"] = int(len(users))
     return out
+
+
+def evaluate_adapter(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, weights: str,
+                     id_artifact: str) -> dict:
+    """:func:`evaluate` of the config's adapter with ``weights``: prompts tokenised in the Ray Data
+    stage, one scoring actor with all the node's cores (the frozen LLM is large, the users few)."""
+    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
+    return evaluate(cfg, prepared, split, kind="adapter", weights=weights, id_artifact=id_artifact,
+                    extra_stage=(encode_prompts, prompt_stage_kwargs(cfg, prepared)),
+                    actors=1, cpus_per_actor=1.0, threads=os.cpu_count() or 1)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import ray
 
-from idle_ray.config import ExperimentConfig, to_dict
+from idle_ray.config import ConfigError, ExperimentConfig, to_dict
 from idle_ray.data.pipeline import split_datasets
 from idle_ray.data.prepare import PreparedDataset
+from idle_ray.train import storage as run_storage
 from idle_ray.train.worker import CKPT_META, CKPT_WEIGHTS, train_fn_per_worker
 
 
@@ -33,14 +34,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def check_storage(storage_path: str, num_workers: int) -> str:
-    """Local folders are made absolute; a node-local path cannot serve a multi-node run."""
-    if "://" in storage_path:
+    """Local folders are made absolute; a node-local path cannot serve a multi-node run; a URI
+    (``s3://``, ``gs://``) must be writable now (:func:`idle_ray.train.storage.check_uri`)."""
+    if run_storage.is_uri(storage_path):
+        run_storage.check_uri(storage_path)
         return storage_path
     path = str(Path(storage_path).expanduser().resolve())
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and num_workers > 1 and not os.environ.get("IDLE_RAY_SHARED_STORAGE"):
-        raise ValueError(
-            f"train.storage_path = {storage_path!r} is a node-local folder but the cluster has {len(nodes)} "
+        raise ConfigError(
+            f"field 'train.storage_path' = {storage_path!r} is a node-local folder but the cluster has {len(nodes)} "
             "nodes: checkpoints must be on shared storage. Fix: use s3://, gs:// or an NFS mount "
             "(and set IDLE_RAY_SHARED_STORAGE=1 if the path is a shared mount).")
     return path
@@ -66,7 +69,7 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
                                 extra_stage=stage, windows=pre and cfg.pretrain.sample_mode == "window")["train"],
         "valid": split_datasets(prepared, d.max_history, splits=("valid",), extra_stage=stage)["valid"],
     }
-    run_dir = os.path.join(storage, run_name) if "://" not in storage else None
+    run_dir = run_storage.join(storage, run_name)  # a folder or a URI: the worker reads both
     loop_config = {"experiment": to_dict(cfg), "task": task, "prepared": str(prepared.path),
                    "id_artifact": str(id_artifact) if id_artifact else None, "run_dir": run_dir,
                    "fail_at_step": fail_at_step,
@@ -88,11 +91,12 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
 
 
 def best_weights(result) -> str:
-    """Path of the best (validation-selected) trainable weights in the run's latest checkpoint."""
+    """Location (path or URI) of the best (validation-selected) trainable weights in the run's
+    latest checkpoint."""
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError("the run produced no checkpoint")
-    path = os.path.join(ckpt.path, "best_" + CKPT_WEIGHTS)
-    if not os.path.exists(path):
+    path = run_storage.join(run_storage.uri(ckpt.filesystem, ckpt.path), "best_" + CKPT_WEIGHTS)
+    if not run_storage.exists(path):
         raise RuntimeError(f"{ckpt.path}: no best weights ({CKPT_META} may be from an older version)")
     return path

@@ -12,7 +12,8 @@ shards, for profiling on one GPU or debugging.
 
 ``config`` (plain, picklable): ``experiment`` (the ExperimentConfig as a dict), ``task``
 ("pretrain" | "adapter"), ``prepared`` (prepared dataset folder), ``id_artifact`` (adapter
-task), ``run_dir`` (local folder for TensorBoard logs), optional ``fail_at_step`` (fault tests).
+task), ``run_dir`` (the run's folder or URI under ``train.storage_path``: TensorBoard logs,
+older checkpoints to fall back to), optional ``fail_at_step`` (fault tests).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from idle_ray.config import ExperimentConfig, _build
 from idle_ray.data.prepare import load_prepared
 from idle_ray.eval.metrics import finalize, merge_sums, metric_sums
 from idle_ray.eval.protocols import protocol_ranks
+from idle_ray.train import storage
 
 CKPT_META = "train_state.json"
 CKPT_WEIGHTS = "trainable.safetensors"
@@ -153,14 +155,14 @@ def evaluate_split(model, ctx, split: str, batch_size: int, protocols: list[str]
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(engine, model, state: dict, rank: int) -> str:
+def _save_checkpoint(engine, model, state: dict, rank: int, weights_meta: dict[str, str]) -> str:
     from safetensors.torch import save_file
     d = tempfile.mkdtemp(prefix="idle_ray_ckpt_")
     # Every rank writes its optimizer shard; frozen weights are never written.
     engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=True)
     if rank == 0:
         sd = _trainable_state(engine, model)
-        save_file(sd, os.path.join(d, CKPT_WEIGHTS))
+        save_file(sd, os.path.join(d, CKPT_WEIGHTS), metadata=weights_meta)
         with open(os.path.join(d, CKPT_META), "w") as f:
             json.dump(state, f)
     return d
@@ -178,38 +180,41 @@ def _trainable_state(engine, model) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if model.is_trainable(k)}
 
 
-def _candidate_checkpoints(latest_dir: str | None, run_dir: str | None) -> list[str]:
-    """Latest first, then older checkpoints of the same run (newest first)."""
-    out = [latest_dir] if latest_dir else []
-    if run_dir and Path(run_dir).is_dir():
-        older = sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()),
-                       key=lambda p: p.name, reverse=True)
-        out += [str(p) for p in older if str(p) != latest_dir]
+def _candidate_checkpoints(latest, run_dir: str | None) -> list:
+    """Latest first, then older checkpoints of the same run (newest first), as ``ray.train.Checkpoint``s
+    on the run's filesystem: a local folder, NFS or a URI alike."""
+    from ray.train import Checkpoint
+    out = [latest]
+    if run_dir:
+        fs, _ = storage.resolve(run_dir)
+        latest_name = os.path.basename(latest.path.rstrip("/"))
+        out += [Checkpoint(storage.resolve(c)[1], filesystem=fs) for c in storage.checkpoints(run_dir)
+                if os.path.basename(c) != latest_name]
     return out
 
 
 def _try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None:
     """Load the latest readable checkpoint (older ones on failure, with a warning)."""
-    ckpt = ctx.get_checkpoint()
-    if ckpt is None:
+    latest = ctx.get_checkpoint()
+    if latest is None:
         return None
-    with ckpt.as_directory() as latest:
-        for cand in _candidate_checkpoints(latest, run_dir):
-            try:
-                with open(os.path.join(cand, CKPT_META)) as f:
+    for cand in _candidate_checkpoints(latest, run_dir):
+        try:
+            with cand.as_directory() as d:  # a remote checkpoint is downloaded to a temp folder
+                with open(os.path.join(d, CKPT_META)) as f:
                     state = json.load(f)
-                engine.load_checkpoint(cand, tag=DS_TAG, load_module_strict=False,
+                engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
-                best = os.path.join(cand, "best_" + CKPT_WEIGHTS)
+                best = os.path.join(d, "best_" + CKPT_WEIGHTS)
                 if os.path.exists(best):
                     shutil.copy(best, best_keep)
-                if cand != latest:
-                    warnings.warn(f"latest checkpoint {latest} is unreadable; resumed from the older {cand}")
-                state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
-                                                        "fallback": cand != latest})
-                return state
-            except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
-                warnings.warn(f"checkpoint {cand} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+            if cand is not latest:
+                warnings.warn(f"latest checkpoint {latest.path} is unreadable; resumed from the older {cand.path}")
+            state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
+                                                    "fallback": cand is not latest})
+            return state
+        except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
+            warnings.warn(f"checkpoint {cand.path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
     raise RuntimeError("no readable checkpoint to resume from; delete the run folder to start over")
 
 
@@ -288,6 +293,8 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_keep = os.path.join(tempfile.mkdtemp(prefix="idle_ray_best_"), "best_" + CKPT_WEIGHTS)
     restored = _try_restore(engine, ctx, config.get("run_dir"), best_keep)
+    from idle_ray.train.weights import weights_metadata  # (imports this module)
+    weights_meta = weights_metadata(cfg, prepared, config["task"], config.get("id_artifact"))
     if restored:
         state = restored
         if ctx.rank == 0:
@@ -301,7 +308,8 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     tb = None
     if ctx.rank == 0 and config.get("run_dir"):
         from tensorboardX import SummaryWriter
-        tb = SummaryWriter(os.path.join(config["run_dir"], "tensorboard"))
+        tb_dir = storage.MirroredFolder(storage.join(config["run_dir"], "tensorboard"))  # a URI: synced per epoch
+        tb = SummaryWriter(tb_dir.local)
     patience = cfg.pretrain.patience if pretrain else 10**9
     fail_at = config.get("fail_at_step")
     t_start, samples_seen = time.perf_counter(), 0
@@ -366,11 +374,13 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         if tb:
             for k, v in val.items():
                 tb.add_scalar(f"val/{tb_name(k)}", v, state["step"])
+            tb.flush()
+            tb_dir.sync()
         if ctx.rank == 0:
             print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f} hr@10 {val.get('hr@10', 0):.4f} "
                   f"(best {state['best']:.4f} @ {state['best_epoch']})", flush=True)
         # Checkpoint: every epoch (resume) and the best weights (selection on validation).
-        ckpt_dir = _save_checkpoint(engine, model, state, ctx.rank)
+        ckpt_dir = _save_checkpoint(engine, model, state, ctx.rank, weights_meta)
         if ctx.rank == 0:
             # The latest checkpoint always carries the best weights so far (selection on validation).
             if improved:
@@ -382,6 +392,7 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
             dist.barrier()
     if tb:
         tb.close()
+        tb_dir.sync()
     out = {"epoch": state["epoch"], "step": state["step"], "best_val_ndcg@10": state["best"],
            "best_epoch": state["best_epoch"]}
     if timed and "t1" in timed:  # this run's training steps (data feed included; evaluation excluded)
