@@ -512,21 +512,30 @@ def time_given_batches(args, trainer, dataset, config, torch, np, log) -> dict:
         raise SystemExit("--batches needs at least 2 batches (1 warm-up + timed ones)")
     trainer.model.train()
     trainer._train_epoch(warm, 0, show_progress=False)
-    measured = []
+    measured, cpu = [], []
+    if args.interleave:
+        print("READY", flush=True)
     for rep in range(args.time_epochs):
-        t0 = time.perf_counter()
+        if args.interleave and not sys.stdin.readline():
+            break
+        c0, t0 = time.process_time(), time.perf_counter()
         loss = trainer._train_epoch(timed, rep + 1, show_progress=False)
         measured.append(time.perf_counter() - t0)
-        log.info("pass %d: %.2fs for %d batches (%.3fs/step), loss %s", rep, measured[-1], len(timed),
-                 measured[-1] / len(timed), loss)
+        cpu.append(time.process_time() - c0)
+        if args.interleave:
+            print(f"PASS {measured[-1]:.6f} {cpu[-1]:.6f}", flush=True)
+        log.info("pass %d: %.2fs (CPU %.2fs) for %d batches (%.3fs/step), loss %s", rep, measured[-1],
+                 cpu[-1], len(timed), measured[-1] / len(timed), loss)
     del trainer.epoch_train_seconds[:]
     return {
         "mode": "time_batches",
         "batches": len(timed),
         "batch_size": batch_size,
         "pass_seconds": measured,
+        "pass_cpu_seconds": cpu,
         "step_seconds": [m / len(timed) for m in measured],
         "step_seconds_median": statistics.median(measured) / len(timed),
+        "step_cpu_seconds_median": statistics.median(cpu) / len(timed),
     }
 
 
@@ -552,6 +561,10 @@ def parse_args(argv=None):
                    help="with --time-epochs N: instead of RecBole's own loader, train N passes over "
                         "the batches in NPZ (our item ids; written by benchmarks/sasrec_epoch_speed.py) "
                         "after one untimed warm-up step; JSON mode 'time_batches'")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --batches: print READY after the warm-up, then time one pass per line "
+                        "read from stdin and print 'PASS <wall s> <cpu s>' (lets a caller alternate "
+                        "its own passes with these, so both see the same machine load)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -11,18 +11,21 @@ no weight decay, fp32, ``torch.set_num_threads(--threads)``.
 What is timed: one optimisation step from a batch of host tensors -- forward, full-softmax
 cross-entropy, backward, optimizer step. Ours is the pre-training job's own step
 (``worker.train_step`` on the job's DeepSpeed engine, ZeRO-0); RecBole's is its own
-``Trainer._train_epoch`` (run by ``benchmarks/recbole_reference.py --batches`` under
-``.venv-recbole``). Neither side's data loading is timed: both get the same ``--steps`` batches,
-drawn from one seeded shuffle of the whole training split (ours left-padded, RecBole's the same
-rows right-padded with its own item ids). One untimed warm-up step, then ``--repeats`` timed
-passes over the ``--steps`` batches; the step time is the median pass / ``--steps``.
+``Trainer._train_epoch`` (run by ``benchmarks/recbole_reference.py --batches --interleave`` under
+``.venv-recbole``, in a second process). Neither side's data loading is timed: both get the same
+``--steps`` batches, drawn from one seeded shuffle of the whole training split (ours
+left-padded, RecBole's the same rows right-padded with its own item ids). One untimed warm-up
+step each, then ``--repeats`` timed passes over the ``--steps`` batches, **alternating** ours and
+RecBole's pass by pass, so that a change in machine load hits both sides alike; the step time
+is the median pass / ``--steps``. Process CPU time per pass is reported beside wall time: with
+one thread it is much less sensitive to other work on the machine.
 
 A full ML-1M epoch is ~480 steps of 2048 and takes tens of minutes per side on a small CPU, so
 the per-epoch figure is **extrapolated**: ``steps_per_epoch x median step time`` (stated in the
 table). ``--steps 0`` times whole epochs instead (every batch of the shuffle).
 
-The 1-, 5- and 15-minute load averages are printed before and after each side: on a shared
-machine they say how far to trust the numbers. Do not run it under ``nice``.
+The 1-, 5- and 15-minute load averages are printed before and after the timed passes: on a
+shared machine they say how far to trust the numbers. Do not run it under ``nice``.
 """
 from __future__ import annotations
 
@@ -64,8 +67,9 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def time_ours(cfg, prepared, batches: list[dict], repeats: int) -> list[float]:
-    """Pass times (s) of our pre-training step over ``batches[1:]`` (batch 0: warm-up)."""
+def our_pass(cfg, prepared, batches: list[dict]):
+    """Our pre-training step, warmed up on ``batches[0]``; returns ``run()`` -> (wall s, CPU s)
+    of one pass over ``batches[1:]``."""
     import torch
 
     from idle_ray.train.builders import build_pretrain_task
@@ -78,31 +82,50 @@ def time_ours(cfg, prepared, batches: list[dict], repeats: int) -> list[float]:
     engine = make_engine(task, cfg, device, True, cfg.pretrain.batch_size)
     engine.train()
     train_step(engine, batches[0], device)
-    passes = []
-    for rep in range(repeats):
-        t0 = time.perf_counter()
+
+    def run() -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
         for b in batches[1:]:
             out = train_step(engine, b, device)
-        passes.append(time.perf_counter() - t0)
-        print(f"[ours] pass {rep}: {passes[-1]:.2f}s ({passes[-1] / (len(batches) - 1):.3f}s/step) "
-              f"loss {out['loss'].item():.4f}", flush=True)
-    return passes
+        out["loss"].item()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    return run
 
 
-def time_recbole(python: str, prepared, npz: Path, repeats: int, threads: int, seed: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="sasrec_speed_")) / "recbole.json"
-    cmd = [python, str(REPO / "benchmarks" / "recbole_reference.py"), "--prepared", str(prepared.path),
-           "--model", "SASRec", "--seed", str(seed), "--batches", str(npz), "--time-epochs", str(repeats),
-           "--threads", str(threads), "--out", str(out)]
-    print("[recbole]", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stderr.splitlines():
-        if "pass " in line or "Error" in line or "error" in line:
-            print("[recbole]", line, flush=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"RecBole reference failed (exit {proc.returncode})")
-    return json.loads(out.read_text())
+class RecBolePasses:
+    """``recbole_reference.py --batches NPZ --interleave`` in a second process: ``run()`` times
+    one pass there and returns (wall s, CPU s)."""
+
+    def __init__(self, python: str, prepared, npz: Path, repeats: int, threads: int, seed: int):
+        workdir = Path(tempfile.mkdtemp(prefix="sasrec_speed_"))
+        self.out, self.log = workdir / "recbole.json", open(workdir / "recbole.log", "w+")
+        cmd = [python, str(REPO / "benchmarks" / "recbole_reference.py"), "--prepared", str(prepared.path),
+               "--model", "SASRec", "--seed", str(seed), "--batches", str(npz), "--time-epochs", str(repeats),
+               "--interleave", "--threads", str(threads), "--out", str(self.out)]
+        print("[recbole]", " ".join(cmd), flush=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._expect("READY")
+
+    def _expect(self, word: str) -> list[str]:
+        for line in self.proc.stdout:  # RecBole may print other lines; skip them
+            if line.startswith(word):
+                return line.split()
+        self.log.seek(0)
+        sys.stderr.write(self.log.read()[-4000:])
+        raise SystemExit(f"RecBole reference stopped (exit {self.proc.wait()}) before {word}")
+
+    def run(self) -> tuple[float, float]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        _, wall, cpu = self._expect("PASS")
+        return float(wall), float(cpu)
+
+    def finish(self) -> dict:
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise SystemExit(f"RecBole reference failed (exit {self.proc.returncode})")
+        return json.loads(self.out.read_text())
 
 
 def main(argv=None):
@@ -136,40 +159,52 @@ def main(argv=None):
     print(f"{prepared.manifest['dataset']}: {n} prefix samples, {steps_per_epoch} steps of {args.batch} per "
           f"epoch; timing {steps} steps x {args.repeats} passes per side, {args.threads} thread(s)", flush=True)
 
-    rows = []
-    before = load_avg()
-    ours = time_ours(cfg, prepared, batches, args.repeats)
-    rows.append(("ours (jobs/pretrain.py step)", statistics.median(ours) / steps, before, load_avg()))
-
+    sides = {"ours (jobs/pretrain.py step)": our_pass(cfg, prepared, batches)}
+    reference = None
     if args.recbole_python:
-        workdir = Path(tempfile.mkdtemp(prefix="sasrec_speed_"))
-        npz = workdir / "batches.npz"
+        npz = Path(tempfile.mkdtemp(prefix="sasrec_speed_")) / "batches.npz"
         hist = np.concatenate([b["history"] for b in batches]).astype(np.int64)
         length = np.concatenate([b["history_len"] for b in batches]).astype(np.int64)
         np.savez(npz, history=right_padded(hist, length), length=length,
                  target=np.concatenate([b["target"] for b in batches]).astype(np.int64),
                  batch_size=np.int64(len(batches[0]["target"])))
-        before = load_avg()
-        ref = time_recbole(args.recbole_python, prepared, npz, args.repeats, args.threads, cfg.seed)
-        rows.append((f"RecBole {ref['recbole_version']} (Trainer._train_epoch)", ref["step_seconds_median"],
-                     before, load_avg()))
+        reference = RecBolePasses(args.recbole_python, prepared, npz, args.repeats, args.threads, cfg.seed)
+        sides["RecBole 1.2.1 (Trainer._train_epoch)"] = reference.run
 
-    base = rows[-1][1]
+    load_before = load_avg()
+    passes = {name: [] for name in sides}
+    for rep in range(args.repeats):
+        for name, run in sides.items():
+            wall, cpu = run()
+            passes[name].append((wall, cpu))
+            print(f"[{name.split()[0]}] pass {rep}: {wall:.2f}s wall, {cpu:.2f}s CPU "
+                  f"({wall / steps:.3f}s/step)", flush=True)
+    load_after = load_avg()
+    if reference is not None:
+        reference.finish()
+
+    rows = [(name, statistics.median(w for w, _ in p) / steps, statistics.median(c for _, c in p) / steps)
+            for name, p in passes.items()]
+    base_wall, base_cpu = rows[-1][1], rows[-1][2]
     print(f"\nSASRec training step on {prepared.manifest['dataset']}, batch {args.batch}, max length "
           f"{cfg.data.max_history}, d {cfg.id_model.hidden_size}, {args.threads} thread(s); median of "
-          f"{args.repeats} passes of {steps} steps; epoch = {steps_per_epoch} steps x median step"
-          + (" (extrapolated)" if steps < steps_per_epoch else ""))
-    print("| implementation | s / step | s / epoch | ratio to RecBole | load avg before | load avg after |")
+          f"{args.repeats} alternating passes of {steps} steps; epoch = {steps_per_epoch} steps x median step"
+          + (" (extrapolated)" if steps < steps_per_epoch else "")
+          + f"; load average {load_before} before, {load_after} after")
+    print("| implementation | s / step | s / epoch | CPU s / step | ratio (wall) | ratio (CPU) |")
     print("|---|---|---|---|---|---|")
-    for name, step, lb, la in rows:
-        print(f"| {name} | {step:.3f} | {step * steps_per_epoch:.0f} | {step / base:.2f} | {lb} | {la} |")
+    for name, wall, cpu in rows:
+        print(f"| {name} | {wall:.3f} | {wall * steps_per_epoch:.0f} | {cpu:.3f} | {wall / base_wall:.2f} | "
+              f"{cpu / base_cpu:.2f} |")
     if args.json:
         from idle_ray.train.report import write_json
         write_json(args.json, {"dataset": prepared.manifest["dataset"], "batch": args.batch, "threads": args.threads,
                                "steps_timed": steps, "repeats": args.repeats, "steps_per_epoch": steps_per_epoch,
-                               "rows": [{"implementation": r[0], "step_seconds": r[1],
-                                         "epoch_seconds": r[1] * steps_per_epoch, "ratio": r[1] / base,
-                                         "load_before": r[2], "load_after": r[3]} for r in rows]})
+                               "load_before": load_before, "load_after": load_after,
+                               "passes": {name: [{"wall": w, "cpu": c} for w, c in p] for name, p in passes.items()},
+                               "rows": [{"implementation": name, "step_seconds": wall, "step_cpu_seconds": cpu,
+                                         "epoch_seconds": wall * steps_per_epoch, "ratio_wall": wall / base_wall,
+                                         "ratio_cpu": cpu / base_cpu} for name, wall, cpu in rows]})
 
 
 if __name__ == "__main__":
