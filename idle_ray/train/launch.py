@@ -6,6 +6,7 @@ finished run returns at once with its final state.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,14 +24,32 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # Under `ray job submit` Ray merges this runtime env into the job's and refuses any variable
+    # the job's runtime env sets too (even with the same value): leave those to the job.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
     if not os.environ.get("RAY_ADDRESS"):
         # Embedded local Ray: workers start in another folder, so they need the package on their
         # path (under `ray job submit` the job's working_dir provides it).
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    # The dashboard serves the state API that Ray Train/Tune use to release stopped runs' resources.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env})
+    kwargs = {}
+    if not os.environ.get("RAY_ADDRESS"):
+        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner uses to release
+        # the resources of stopped runs (e.g. ASHA-stopped Tune trials). Its client finds the API by
+        # auto-detection, which fails when several Ray instances run on one machine: name it.
+        port = _free_port()
+        kwargs["dashboard_port"] = port
+        env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_storage(storage_path: str, num_workers: int) -> str:

@@ -1,0 +1,72 @@
+"""Benchmark: OptunaSearch (TPE) + ASHA against a full grid over the same space, on a small budget.
+
+Runs ``jobs/tune.py --grid`` (every point of ``tune.grid`` trained for ``train.epochs``) and
+``jobs/tune.py`` (``tune.num_samples`` trials from the same ranges, ASHA stopping weak ones) with
+the same config, then prints their best validation metric and their trial-time (the sum of the
+trials' own training time, what a cluster pays for). Targets: the search reaches >= 98% of the
+grid's best using <= 1/3 of its trial-time. ``--seeds`` repeats the search with other seeds and
+reports the median. Both experiments resume if interrupted (rerun the same command).
+
+    python benchmarks/tune_vs_grid.py --config configs/tune_bench_ml100k.yaml
+    python benchmarks/tune_vs_grid.py --config configs/tune_bench_ml100k.yaml --seeds 0,1,2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(config: str, sets: list[str], grid: bool) -> dict:
+    """One ``jobs/tune.py`` experiment; returns its summary (``test_results.json``)."""
+    from idle_ray.config import load_config
+    from idle_ray.train.report import read_json_in
+    from idle_ray.tune.search import TEST_RESULTS_FILE, experiment_path
+    from jobs.tune import experiment_name
+
+    cmd = [sys.executable, os.path.join(ROOT, "jobs/tune.py"), "--config", config, "--no-test"]
+    cmd += ["--grid"] if grid else []
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True)
+    cfg = load_config(config, sets)
+    storage = cfg.train.storage_path if "://" in cfg.train.storage_path else os.path.abspath(cfg.train.storage_path)
+    return read_json_in(experiment_path(storage, experiment_name(cfg, grid)), TEST_RESULTS_FILE)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs/tune_bench_ml100k.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", default="0", help="search seeds (comma list); the median is reported")
+    p.add_argument("--json", default="", help="also write the table's numbers here")
+    args = p.parse_args(argv)
+
+    grid = run(args.config, args.overrides, grid=True)
+    searches = [run(args.config, args.overrides + [f"seed={s}"], grid=False) for s in args.seeds.split(",")]
+    best_ratio = statistics.median(s["best_val"] / grid["best_val"] for s in searches)
+    time_ratio = statistics.median(s["trial_seconds"] / grid["trial_seconds"] for s in searches)
+    rows = [("grid", len(grid["trials"]), grid["trial_seconds"], grid["best_val"])]
+    rows += [(f"search seed {s}", len(r["trials"]), r["trial_seconds"], r["best_val"])
+             for s, r in zip(args.seeds.split(","), searches)]
+    print(f"\n| experiment | trials | trial-time s | best {grid['metric']} |\n|---|---|---|---|")
+    for name, n, secs, best in rows:
+        print(f"| {name} | {n} | {secs:.0f} | {best:.4f} |")
+    ok_best, ok_time = best_ratio >= 0.98, time_ratio <= 1 / 3
+    print(f"\nsearch / grid (median over {len(searches)} seed(s)): best {best_ratio:.3f} "
+          f"(target >= 0.98: {'met' if ok_best else 'NOT met'}), trial-time {time_ratio:.3f} "
+          f"(target <= 0.333: {'met' if ok_time else 'NOT met'})")
+    if args.json:
+        from idle_ray.train.report import write_json
+        write_json(args.json, {"rows": rows, "best_ratio": best_ratio, "time_ratio": time_ratio,
+                               "grid_experiment": grid["experiment"],
+                               "search_experiments": [s["experiment"] for s in searches]})
+
+
+if __name__ == "__main__":
+    main()
