@@ -49,6 +49,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 benchmarks/train_throughput.py --config configs/throughput_gpu_ml100k.yaml --prepared .bench/ml-100k \
-  --rows "${ROWS:-worker,feed,torch,torch/full,nommd,ds0,ds0-bf16,ds1,ds1-bf16,ds2,ds2-bf16}" \
-  --steps "${STEPS:-10}" --repeats "${REPEATS:-5}" --standalone "${STANDALONE:-60}" \
+  --rows "${ROWS:-worker,feed,torch,torch/full,nommd,ds0,ds0/full,ds0-bf16,ds1,ds1-bf16,ds2,ds2-bf16}" \
+  --steps "${STEPS:-8}" --repeats "${REPEATS:-5}" --standalone "${STANDALONE:-60}" \
   --json "$OUT/gpu_throughput.json" "$@"

@@ -1,6 +1,6 @@
 """Training throughput: the worker's real adapter step against the bare frozen backbone, same batches.
 
-    python benchmarks/train_throughput.py --config configs/train_ml100k.yaml --threads 1 --steps 2 --repeats 3
+    python benchmarks/train_throughput.py --config configs/train_ml100k.yaml --threads 1
 
 (CPU, SmolLM2-135M real weights, the shipped training config.) On one GPU without Ray, with a
 SmolLM2-135M-shaped random-weight backbone, batch 128 x 128 tokens: ``benchmarks/gpu_throughput.sh``.
@@ -210,9 +210,10 @@ def run_worker(cfg, prepared, artifact, max_steps: int) -> dict:
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", default="bare,worker,feed,torch,nommd", help="comma list (module docstring)")
+    p.add_argument("--rows", default="worker,feed,torch,torch/full,nommd,ds0,ds1,ds2",
+                   help="comma list (module docstring)")
     p.add_argument("--steps", type=int, default=2, help="batches per repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="repeats run first and not counted")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
