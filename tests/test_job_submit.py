@@ -11,15 +11,20 @@ that
   embedded Ray), writes ``<out>/csv-*/manifest.json`` with the right user count, and logs the
   Ray Data streaming check ("streamed") and the result ("prepared");
 * a job pointing at a missing file ends FAILED (exit code 2) with the one-line "file not found"
-  error and writes nothing.
+  error and writes nothing;
+* a tiny training job (``jobs/train.py`` with a YAML written by the test: pre-train a 16-wide
+  SASRec, train IDLE on the 'tiny-decoder' backbone with 2 Ray Train workers at 0.5 CPU under
+  DeepSpeed, test once) SUCCEEDS on the head's 2 CPUs and leaves its result JSON, the exported ID
+  model and an adapter checkpoint (best weights + step state) in the test's folders.
 
 Note: ``python`` in an entrypoint is resolved through the head's PATH, not the head's
 interpreter; a head started as ``.venv/bin/ray start`` without an activated venv runs the
 system ``python`` there (``ModuleNotFoundError``). The entrypoint therefore names this test's
 interpreter (``sys.executable``) explicitly.
 
-The head is stopped through its own process group in the fixture teardown (never ``ray stop``),
-and the test never calls ``ray.init()``, so other Ray instances on the machine are untouched.
+One head serves the module's tests. It is stopped through its own process group in the fixture
+teardown (never ``ray stop``), and the tests never call ``ray.init()``, so other Ray instances on
+the machine are untouched.
 """
 from __future__ import annotations
 
@@ -38,8 +43,16 @@ from pathlib import Path
 
 import pytest
 
+from tiny_jobs import write_tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", ".venv-recbole", "data_cache", "runs", "artifacts", "results", ".git"]
+RUNTIME_ENV = {
+    "working_dir": str(REPO),
+    "excludes": EXCLUDES,
+    "env_vars": {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+}
 N_USERS = 30
 N_ITEMS = 20
 
@@ -198,13 +211,15 @@ def _wait_ready(proc: subprocess.Popen, address: str, log_path: Path, timeout_s:
     return None
 
 
-@pytest.fixture
-def ray_head(tmp_path, monkeypatch):
-    """A throw-away local Ray head owned by this test; yields ``(JobSubmissionClient, address)``."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A throw-away local Ray head owned by this module; yields ``(JobSubmissionClient, address)``."""
     # Token authentication is disabled for this throw-away head only: it listens on free local
-    # ports, lives for one test and is killed in the teardown. Real clusters keep token auth
-    # (README "Ray, authentication and local runs", docs/cluster.md). Both sides get the setting:
-    # the head (and hence its job drivers) and, here, the submitting client.
+    # ports, lives for this module's tests and is killed in the teardown. Real clusters keep token
+    # auth (README "Ray, authentication and local runs", docs/cluster.md). Both sides get the
+    # setting: the head (and hence its job drivers) and, here, the submitting client.
+    tmp_path = tmp_path_factory.mktemp("head")
+    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
@@ -229,6 +244,7 @@ def ray_head(tmp_path, monkeypatch):
         for proc, temp_dir in started:
             _stop_head(proc)
             shutil.rmtree(temp_dir, ignore_errors=True)
+        monkeypatch.undo()
 
 
 def _write_csv(tmp_path: Path) -> tuple[Path, Path]:
@@ -274,12 +290,7 @@ def test_ray_job_submit_prepare(ray_head, tmp_path):
     client, _ = ray_head
     inter, items = _write_csv(tmp_path)
     out, out_fail = tmp_path / "out", tmp_path / "out_fail"
-    runtime_env = {
-        "working_dir": str(REPO),
-        "excludes": EXCLUDES,
-        "env_vars": {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    }
+    runtime_env = RUNTIME_ENV
 
     def prepare(path: Path, out_dir: Path) -> str:
         return (f"{shlex.quote(sys.executable)} jobs/prepare.py --set data.dataset=csv"
@@ -306,3 +317,28 @@ def test_ray_job_submit_prepare(ray_head, tmp_path):
     assert "failed with exit code 2" in (client.get_job_info(bad).message or "")
     assert "Traceback" not in logs, logs[-4000:]  # one clear line, not a stack trace
     assert not list(out_fail.glob("*/manifest.json"))
+
+
+def test_ray_job_submit_train(ray_head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    client, _ = ray_head
+    inter, items = _write_csv(tmp_path)
+    config = write_tiny_config(tmp_path / "tiny.yaml", inter, items, tmp_path, str(tmp_path / "runs"))
+    out = tmp_path / "train.json"
+    job = _submit(client, entrypoint=f"{shlex.quote(sys.executable)} jobs/train.py --config {config} --output {out}",
+                  runtime_env=RUNTIME_ENV)
+
+    status, logs = _wait(client, job, timeout_s=600), client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, f"train job ended {status}:\n{logs[-4000:]}"
+    assert "Started a local Ray instance" not in logs  # the driver joined this head
+    record = json.loads(out.read_text())
+    assert record["variant"] == "idle" and record["epochs"] == 1 and record["steps"] > 0
+    assert record["test"]["users"] == N_USERS and 0 <= record["test"]["full"]["ndcg@10"] <= 1
+    assert (tmp_path / "sasrec" / "model.json").is_file()  # the ID model the job pre-trained first
+    ckpt = Path(record["checkpoint"])
+    assert ckpt.parent == tmp_path / "runs" / record["run"]
+    assert (ckpt / "best_trainable.safetensors").is_file()
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state["epoch"] == 1 and state["step"] == record["steps"]
+    assert list((tmp_path / "runs" / record["run"] / "tensorboard").glob("events.*"))
