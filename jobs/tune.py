@@ -47,8 +47,7 @@ def trial_rows(results, metric: str) -> list[dict]:
 def evaluate_best(cfg, prepared, artifact, best, baselines: list[str], log=print) -> dict:
     """The best trial's validation-selected adapter on test, once, next to the baselines."""
     from idle_ray.train import storage as run_storage
-    from idle_ray.train.builders import encode_prompts, prompt_stage_kwargs
-    from idle_ray.train.evaluate import evaluate
+    from idle_ray.train.evaluate import evaluate_adapter
     from idle_ray.train.worker import CKPT_WEIGHTS
     from idle_ray.tune.search import apply_params
     from jobs.train import train_and_test
@@ -59,9 +58,7 @@ def evaluate_best(cfg, prepared, artifact, best, baselines: list[str], log=print
         ckpt = cfg.train.storage_path.split("://", 1)[0] + "://" + ckpt  # reported without its scheme
     weights = run_storage.join(ckpt, "best_" + CKPT_WEIGHTS)
     record = {"variant": "idle (tuned)", "params": {k: best.config[k] for k in best.config},
-              "test": evaluate(best_cfg, prepared, "test", kind="adapter", weights=weights, id_artifact=artifact,
-                               extra_stage=(encode_prompts, prompt_stage_kwargs(best_cfg, prepared)),
-                               actors=1, cpus_per_actor=1.0, threads=os.cpu_count() or 1)}
+              "test": evaluate_adapter(best_cfg, prepared, "test", weights, artifact)}
     records = [record]
     for variant in baselines:
         log(f"[tune] baseline {variant}")
