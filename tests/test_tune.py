@@ -141,13 +141,16 @@ def test_tune_job_search_restore_and_report(tmp_path):
     assert any(len(rows) < 3 for rows in results.values()), {k: len(v) for k, v in results.items()}
     assert any(len(rows) == 3 for rows in results.values())
     # Each trial's Train run lives by name beside the experiment and trained each epoch once
-    # (a trial interrupted by the kill resumed its Train run instead of starting over).
+    # (a trial interrupted by the kill resumed its Train run instead of starting over). A run
+    # that ASHA stopped may have finished one more epoch before its workers were stopped.
     for tid, rows in results.items():
         run = runs / f"{exp.name}-{tid}"
         newest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
         state = json.loads((newest / "train_state.json").read_text())
-        assert [h["epoch"] for h in state["history"]] == [r["epoch"] for r in rows]
-        assert state["step"] == len(rows) * 6  # 48 samples / batch 8 per epoch
+        trained = [h["epoch"] for h in state["history"]]
+        assert trained == list(range(1, len(trained) + 1)) and len(trained) - len(rows) in (0, 1), (tid, trained)
+        assert trained[:len(rows)] == [r["epoch"] for r in rows]
+        assert state["step"] == len(trained) * 6  # 48 samples / batch 8 per epoch
     # The best trial was tested once, next to the SASRec baseline.
     variants = [r["variant"] for r in summary["test"]["records"]]
     assert variants == ["idle (tuned)", "id_only"]

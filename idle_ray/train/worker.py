@@ -340,6 +340,9 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
                 if not marker.exists():
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text("1")
+                    # The controller collects reports by polling: give it time to register the
+                    # last checkpoint, so the test crashes *after* checkpoint N as it intends.
+                    time.sleep(5)
                     os._exit(1)  # simulate a crashed worker process (fault-tolerance test)
             if state["step"] % tr.log_every == 0 or state["step"] == total_steps:
                 dt = time.perf_counter() - t_log
