@@ -77,7 +77,7 @@ def _tiny_sets(tmp: Path) -> list[str]:
             "pretrain.lr": 0.01, "pretrain.cpus_per_worker": 0.5, "llm.backbone": "tiny-decoder",
             "prompt.max_history": 3, "prompt.max_tokens": 96, "adapter.refine_bottleneck": 8,
             "train.batch_size": 8, "train.num_workers": 1, "train.cpus_per_worker": 0.5, "train.epochs": 3,
-            "train.storage_path": tmp / "runs", "train.log_every": 100, "tune.num_samples": 4,
+            "train.storage_path": tmp / "runs", "train.log_every": 100, "tune.num_samples": 6,
             "tune.prompt_length": "[1,4]", "tune.projection_width": "[8,16]", "tune.lr": "[0.001,0.03]",
             "tune.random_trials": 2}
     out = []
@@ -128,11 +128,11 @@ def test_tune_job_search_restore_and_report(tmp_path):
 
     summary = json.loads((exp / "test_results.json").read_text())
     trials = summary["trials"]
-    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
     assert all(t["best"] is not None and not t["error"] for t in trials)
     # Exactly once: every trial's epochs were reported once each, in order, none past the budget.
     results = _trial_results(exp)
-    assert len(results) == 4
+    assert len(results) == 6
     for tid, rows in results.items():
         epochs = [r["epoch"] for r in rows]
         assert epochs == list(range(1, len(epochs) + 1)), (tid, epochs)
@@ -163,7 +163,7 @@ def test_tune_job_search_restore_and_report(tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Best configuration" in md and "idle (tuned)" in md
-    assert md.count("| TERMINATED |") == 4
+    assert md.count("| TERMINATED |") == 6
     for png in ("params.png", "curves.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     imp = json.loads((tmp_path / "report" / "trials.json").read_text())["importances"]
