@@ -26,7 +26,8 @@ def run(config: str, sets: list[str], grid: bool) -> dict:
     """One ``jobs/tune.py`` experiment; returns its summary (``test_results.json``)."""
     from idle_ray.config import load_config
     from idle_ray.train.report import read_json_in
-    from idle_ray.tune.search import TEST_RESULTS_FILE, experiment_path
+    from idle_ray.train.storage import join
+    from idle_ray.tune.search import TEST_RESULTS_FILE
     from jobs.tune import experiment_name
 
     cmd = [sys.executable, os.path.join(ROOT, "jobs/tune.py"), "--config", config, "--no-test"]
@@ -35,8 +36,7 @@ def run(config: str, sets: list[str], grid: bool) -> dict:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
     cfg = load_config(config, sets)
-    storage = cfg.train.storage_path if "://" in cfg.train.storage_path else os.path.abspath(cfg.train.storage_path)
-    return read_json_in(experiment_path(storage, experiment_name(cfg, grid)), TEST_RESULTS_FILE)
+    return read_json_in(join(cfg.train.storage_path, experiment_name(cfg, grid)), TEST_RESULTS_FILE)
 
 
 def main(argv=None):

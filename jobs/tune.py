@@ -80,7 +80,8 @@ def main(argv=None):
     from idle_ray.train import builders
     from idle_ray.train.launch import check_storage, ensure_ray
     from idle_ray.train.report import write_json_in
-    from idle_ray.tune.search import experiment_path, max_concurrent_trials, restore_or_build
+    from idle_ray.train.storage import join
+    from idle_ray.tune.search import max_concurrent_trials, restore_or_build
     from jobs.pretrain import pretrain
 
     if args.grid and not cfg.tune.grid:
@@ -95,10 +96,11 @@ def main(argv=None):
     # Trials run in other processes and folders: hand them the resolved location.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
     name = experiment_name(cfg, args.grid)
+    exp = join(storage, name)
     concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
-    print(f"[tune] experiment {experiment_path(storage, name)}: {concurrent} trial(s) at once", flush=True)
+    print(f"[tune] experiment {exp}: {concurrent} trial(s) at once", flush=True)
     # The declared space, so the report's importances use the real ranges (not the values seen).
-    write_json_in(experiment_path(storage, name), SEARCH_SPACE_FILE,
+    write_json_in(exp, SEARCH_SPACE_FILE,
                   {k: getattr(cfg.tune, k) for k in SEARCHED})
     tuner = restore_or_build(cfg, str(prepared.path), artifact, name=name, storage_path=storage,
                              grid=args.grid, max_concurrent=concurrent)
@@ -115,7 +117,7 @@ def main(argv=None):
     if all(r["best"] is None for r in rows):
         raise RuntimeError("every trial failed; see the errors above")
     best = results.get_best_result(metric=metric, mode="max", scope="all", filter_nan_and_inf=True)
-    summary = {"experiment": experiment_path(storage, name), "metric": metric, "grid": args.grid,
+    summary = {"experiment": exp, "metric": metric, "grid": args.grid,
                "trials": rows, "trial_seconds": round(sum(r["seconds"] for r in rows), 1),
                "best_config": {k: best.config[k] for k in best.config},
                "best_val": max(r["best"] for r in rows if r["best"] is not None)}
@@ -129,7 +131,6 @@ def main(argv=None):
             print(f"  {rec['variant']:14s} " + " ".join(f"{k} {rec['test']['full'][k]:.4f}"
                                                      for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")))
     summary["wall_seconds"] = round(time.time() - t0, 1)
-    exp = experiment_path(storage, name)
     print(f"[tune] wrote {write_json_in(exp, TEST_RESULTS_FILE, summary)}; report: python jobs/report.py --experiment {exp}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 from ray import tune
 
@@ -49,7 +48,7 @@ def search_space(t: TuneConfig) -> dict:
 
 
 def grid_space(t: TuneConfig) -> dict:
-    """A full grid over ``tune.grid`` (benchmark baseline); unlisted fields take the search-space default."""
+    """A full grid over ``tune.grid`` (benchmark baseline); unlisted fields keep the config's value."""
     if not t.grid:
         raise ValueError("tune.grid is empty: give values per field, e.g. --set 'tune.grid={lr: [0.001, 0.003]}'")
     return {k: tune.grid_search(list(v)) for k, v in t.grid.items()}
@@ -174,17 +173,11 @@ def build_tuner(cfg: ExperimentConfig, prepared: str, id_artifact: str, *, name:
     )
 
 
-def experiment_path(storage_path: str, name: str) -> str:
-    if "://" in storage_path:
-        return storage_path.rstrip("/") + "/" + name
-    return os.path.join(storage_path, name)
-
-
 def restore_or_build(cfg: ExperimentConfig, prepared: str, id_artifact: str, *, name: str, storage_path: str,
                      grid: bool = False, max_concurrent: int = 1, log=print):
     """Resume the experiment ``name`` when its folder exists (unfinished and errored trials
     continue, finished ones are kept), else start it."""
-    path = experiment_path(storage_path, name)
+    path = storage.join(storage_path, name)
     if tune.Tuner.can_restore(path):
         log(f"[tune] restoring {path}")
         return tune.Tuner.restore(path, trainable=trainable(cfg, prepared, id_artifact, name),
