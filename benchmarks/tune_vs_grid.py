@@ -2,8 +2,9 @@
 
 Runs ``jobs/tune.py --grid`` (every point of ``tune.grid`` trained for ``train.epochs``) and
 ``jobs/tune.py`` (``tune.num_samples`` trials from the same ranges, ASHA stopping weak ones) with
-the same config, then prints their best validation metric and their trial-time (the sum of the
-trials' own training time, what a cluster pays for). Targets: the search reaches >= 98% of the
+the same config, then prints their best validation metric and their trial-time: the sum of the
+trials' own training time (what a cluster pays for) and, independent of how busy the machine was,
+the sum of the epochs the trials trained. Targets: the search reaches >= 98% of the
 grid's best using <= 1/3 of its trial-time. ``--seeds`` repeats the search with other seeds and
 reports the median. Both experiments resume if interrupted (rerun the same command).
 
@@ -39,6 +40,10 @@ def run(config: str, sets: list[str], grid: bool) -> dict:
     return read_json_in(join(cfg.train.storage_path, experiment_name(cfg, grid)), TEST_RESULTS_FILE)
 
 
+def trial_epochs(summary: dict) -> int:
+    return sum(t["epochs"] for t in summary["trials"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs/tune_bench_ml100k.yaml"))
@@ -51,19 +56,21 @@ def main(argv=None):
     searches = [run(args.config, args.overrides + [f"seed={s}"], grid=False) for s in args.seeds.split(",")]
     best_ratio = statistics.median(s["best_val"] / grid["best_val"] for s in searches)
     time_ratio = statistics.median(s["trial_seconds"] / grid["trial_seconds"] for s in searches)
-    rows = [("grid", len(grid["trials"]), grid["trial_seconds"], grid["best_val"])]
-    rows += [(f"search seed {s}", len(r["trials"]), r["trial_seconds"], r["best_val"])
+    epoch_ratio = statistics.median(trial_epochs(s) / trial_epochs(grid) for s in searches)
+    rows = [("grid", len(grid["trials"]), grid["trial_seconds"], trial_epochs(grid), grid["best_val"])]
+    rows += [(f"search seed {s}", len(r["trials"]), r["trial_seconds"], trial_epochs(r), r["best_val"])
              for s, r in zip(args.seeds.split(","), searches)]
-    print(f"\n| experiment | trials | trial-time s | best {grid['metric']} |\n|---|---|---|---|")
-    for name, n, secs, best in rows:
-        print(f"| {name} | {n} | {secs:.0f} | {best:.4f} |")
+    print(f"\n| experiment | trials | trial-time s | trial-epochs | best {grid['metric']} |\n|---|---|---|---|---|")
+    for name, n, secs, epochs, best in rows:
+        print(f"| {name} | {n} | {secs:.0f} | {epochs} | {best:.4f} |")
     ok_best, ok_time = best_ratio >= 0.98, time_ratio <= 1 / 3
     print(f"\nsearch / grid (median over {len(searches)} seed(s)): best {best_ratio:.3f} "
           f"(target >= 0.98: {'met' if ok_best else 'NOT met'}), trial-time {time_ratio:.3f} "
-          f"(target <= 0.333: {'met' if ok_time else 'NOT met'})")
+          f"(target <= 0.333: {'met' if ok_time else 'NOT met'}), trial-epochs {epoch_ratio:.3f}")
     if args.json:
         from idle_ray.train.report import write_json
         write_json(args.json, {"rows": rows, "best_ratio": best_ratio, "time_ratio": time_ratio,
+                               "epoch_ratio": epoch_ratio,
                                "grid_experiment": grid["experiment"],
                                "search_experiments": [s["experiment"] for s in searches]})
 

@@ -75,13 +75,14 @@ def main(argv=None):
     p.add_argument("--no-test", action="store_true", help="search only; skip the test evaluation")
     args, cfg = cli.parse(p, argv)
     import ray
+    from ray import tune
 
     from idle_ray.data.prepare import format_summary
     from idle_ray.train import builders
     from idle_ray.train.launch import check_storage, ensure_ray
     from idle_ray.train.report import write_json_in
     from idle_ray.train.storage import join
-    from idle_ray.tune.search import max_concurrent_trials, restore_or_build
+    from idle_ray.tune.search import max_concurrent_trials, restore_or_build, unfinished_trials
     from jobs.pretrain import pretrain
 
     if args.grid and not cfg.tune.grid:
@@ -105,6 +106,13 @@ def main(argv=None):
     tuner = restore_or_build(cfg, str(prepared.path), artifact, name=name, storage_path=storage,
                              grid=args.grid, max_concurrent=concurrent)
     results = tuner.fit()
+    # Tune returns normally from an interrupted fit (Ctrl-C), and the trials it then stops read
+    # as terminated in `results`: judge from the state it saved just before stopping them.
+    unfinished = unfinished_trials(tune.ResultGrid(tune.ExperimentAnalysis(exp)), cfg.tune, args.grid)
+    if unfinished:
+        # No summary, no test, a non-zero exit; rerunning restores.
+        cli.fail(RuntimeError(f"the experiment {exp} was interrupted with {unfinished} trial(s) unfinished; "
+                              f"its state is saved: rerun the same command to resume it"), code=130)
     metric = cfg.tune.metric
     rows = trial_rows(results, metric)
     print(f"\n[tune] {len(rows)} trials, sorted by best {metric}:")

@@ -19,7 +19,7 @@ from ray import tune
 from tiny_jobs import write_tiny_data
 from idle_ray.config import ConfigError, load_config
 from idle_ray.tune.search import (SEARCHED, apply_params, grid_space, max_concurrent_trials, search_space,
-                                  trial_resources)
+                                  trial_resources, unfinished_trials)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/tune_ml100k.yaml"
@@ -95,37 +95,63 @@ def _trial_results(exp: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _result_grid(exp: Path) -> tune.ResultGrid:
+    return tune.ResultGrid(tune.ExperimentAnalysis(str(exp)))
+
+
 @pytest.mark.timeout(1500)
 def test_tune_job_search_restore_and_report(tmp_path):
-    cmd = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(CONFIG), "--baselines", "id_only",
-           *_tiny_sets(tmp_path)]
+    sets = _tiny_sets(tmp_path)
+    cmd = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(CONFIG), "--baselines", "id_only", *sets]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
     runs = tmp_path / "runs"
-    # Kill the driver (and its embedded Ray) once the first epoch results are in.
-    deadline = time.time() + 900
-    exp = None
-    while time.time() < deadline and first.poll() is None:
+    tune_cfg = load_config(CONFIG, sets[1::2]).tune
+
+    def experiment() -> Path | None:
         exps = [p for p in runs.glob("tune-ml100k-search-*") if (p / "search_space.json").exists()] \
             if runs.exists() else []
-        if exps and any(_trial_results(exps[0]).values()):
-            exp = exps[0]
-            break
-        time.sleep(2)
-    assert first.poll() is None, "the search finished before it could be interrupted: " + \
-        (tmp_path / "first.log").read_text()[-3000:]
-    assert exp is not None, "no trial reported within 15 min: " + (tmp_path / "first.log").read_text()[-3000:]
+        return exps[0] if exps else None
+
+    def reported() -> int:
+        return sum(len(rows) for rows in _trial_results(experiment()).values()) if experiment() else 0
+
+    def start_until(name: str, n_results: int) -> subprocess.Popen:
+        """Start the job and return once more than ``n_results`` epoch results are on disk."""
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None and reported() <= n_results:
+            time.sleep(2)
+        assert proc.poll() is None, f"the search ended before it could be interrupted: {log_path.read_text()[-3000:]}"
+        assert reported() > n_results, f"no new trial result within 15 min: {log_path.read_text()[-3000:]}"
+        return proc
+
+    # 1. Kill the driver and its embedded Ray (SIGKILL, a lost head) once the first epoch results are in.
+    first = start_until("first", 0)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    log.close()
     time.sleep(3)
+    exp = experiment()
+    assert unfinished_trials(_result_grid(exp), tune_cfg, grid=False) > 0
+    assert not (exp / "test_results.json").exists()
 
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
-    assert "[tune] restoring" in second.stdout
+    # 2. Restore, then Ctrl-C the driver after one more result: Tune returns from `fit` normally
+    # here, so the job must see the unfinished trials and exit 130 without a summary.
+    second = start_until("second", reported())
+    os.kill(second.pid, signal.SIGINT)
+    assert second.wait(timeout=300) == 130, (tmp_path / "second.log").read_text()[-4000:]
+    second_log = (tmp_path / "second.log").read_text()
+    assert "[tune] restoring" in second_log and "was interrupted with" in second_log
+    assert not (exp / "test_results.json").exists()
 
+    # 3. Restore again and finish.
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-3000:]
+    assert "[tune] restoring" in third.stdout
+
+    assert unfinished_trials(_result_grid(exp), tune_cfg, grid=False) == 0
     summary = json.loads((exp / "test_results.json").read_text())
     trials = summary["trials"]
     assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6

@@ -54,6 +54,21 @@ def grid_space(t: TuneConfig) -> dict:
     return {k: tune.grid_search(list(v)) for k, v in t.grid.items()}
 
 
+def expected_trials(t: TuneConfig, grid: bool) -> int:
+    """How many trials a finished experiment holds: every grid point, or ``tune.num_samples``."""
+    return math.prod(len(v) for v in t.grid.values()) if grid else t.num_samples
+
+
+def unfinished_trials(results, t: TuneConfig, grid: bool) -> int:
+    """Trials of ``results`` (a ``ResultGrid``) neither terminated nor errored, plus those never
+    started. Read it from the saved experiment state (``ResultGrid(ExperimentAnalysis(path))``):
+    after an interrupted ``fit`` (Ctrl-C), which Tune returns from normally, the returned grid
+    marks the trials it stopped as terminated, while the state saved before stopping them (the
+    one ``Tuner.restore`` resumes) does not."""
+    started = len(results)
+    return (started - results.num_terminated - results.num_errors) + max(0, expected_trials(t, grid) - started)
+
+
 def apply_params(cfg: ExperimentConfig, params: dict) -> ExperimentConfig:
     """The trial's experiment: the base config with the sampled values written in."""
     a = {k: params[k] for k in ("prompt_length", "projection_width", "mmd_weight") if k in params}
