@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from idle_ray.adapter.alignment import DimensionAlignment
-from idle_ray.adapter.mmd import mmd2
+from idle_ray.adapter.mmd import mmd2, mmd2_layers
 from idle_ray.adapter.model import VARIANTS, IDLEModel, is_trainable
 from idle_ray.adapter.refinement import (
     LayerwiseRefinement,
@@ -131,6 +131,22 @@ def test_mmd_gradient_flows_to_tokens_only_and_bandwidth_has_none():
     with torch.no_grad():
         stepped = tokens - 0.5 * tokens.grad
     assert float(mmd2(stepped, text)) < float(mmd2(tokens.detach(), text))
+
+
+def test_mmd_layers_batched_equals_one_layer_at_a_time():
+    gen = torch.Generator().manual_seed(0)
+    # layers with different spreads, so each needs its own bandwidth
+    tokens = (torch.randn(3, 10, 6, generator=gen) * torch.tensor([0.5, 1.0, 3.0]).view(3, 1, 1) + 0.4)
+    tokens.requires_grad_(True)
+    text = torch.randn(3, 40, 6, generator=gen) * torch.tensor([1.0, 2.0, 0.3]).view(3, 1, 1)
+    batched = mmd2_layers(tokens, text, median_sample=None)
+    (g_batched,) = torch.autograd.grad(batched.sum(), tokens)
+    looped = torch.stack([mmd2(tokens[l], text[l], median_sample=None) for l in range(3)])
+    (g_looped,) = torch.autograd.grad(looped.sum(), tokens)
+    assert batched.shape == (3,)
+    torch.testing.assert_close(batched, looped, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_batched, g_looped, atol=1e-6, rtol=1e-5)
+    assert float(batched[0]) == pytest.approx(brute_force_mmd2(tokens[0].detach(), text[0]), rel=1e-4, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -289,8 +305,8 @@ def test_mmd_text_states_are_prefix_text_tokens_capped(backbones, monkeypatch, c
     import idle_ray.adapter.model as model_module
 
     calls = []
-    real_mmd2 = model_module.mmd2
-    monkeypatch.setattr(model_module, "mmd2", lambda x, y, **kw: calls.append((x, y)) or real_mmd2(x, y, **kw))
+    real = model_module.mmd2_layers
+    monkeypatch.setattr(model_module, "mmd2_layers", lambda x, y, **kw: calls.append((x[0], y[0])) or real(x, y, **kw))
     bb = backbones["tiny-decoder"]
     model = make_model(bb, "idle_no_refine", mmd_max_text_states=cap)
     batch = make_batch(bb, "idle_no_refine", pad_to_max_tokens=False)

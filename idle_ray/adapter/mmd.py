@@ -29,38 +29,41 @@ BANDWIDTH_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def pairwise_sq_dists(a: Tensor, b: Tensor) -> Tensor:
-    """``(n, m)`` squared Euclidean distances between rows of ``a (n, D)`` and ``b (m, D)``."""
-    a_sq = a.pow(2).sum(dim=1, keepdim=True)  # (n, 1)
-    b_sq = b.pow(2).sum(dim=1, keepdim=True)  # (m, 1)
-    # Matmul form: one GEMM instead of an (n, m, D) difference tensor; clamp the rounding error.
-    return (a_sq + b_sq.transpose(0, 1) - 2.0 * a @ b.transpose(0, 1)).clamp_min(0.0)
+    """``(..., n, m)`` squared Euclidean distances between rows of ``a (..., n, D)`` and ``b (..., m, D)``."""
+    a_sq = a.pow(2).sum(dim=-1, keepdim=True)  # (..., n, 1)
+    b_sq = b.pow(2).sum(dim=-1, keepdim=True)  # (..., m, 1)
+    # Matmul form: one (batched) GEMM instead of an (n, m, D) difference tensor; clamp the rounding error.
+    return (a_sq + b_sq.transpose(-1, -2) - 2.0 * a @ b.transpose(-1, -2)).clamp_min(0.0)
 
 
 def _random_rows(points: Tensor, cap: int | None) -> Tensor:
-    if cap is None or points.shape[0] <= cap:
+    """At most ``cap`` random rows of ``points (..., n, D)``, the same rows for every leading index."""
+    n = points.shape[-2]
+    if cap is None or n <= cap:
         return points
-    return points[torch.randperm(points.shape[0], device=points.device)[:cap]]
+    return points[..., torch.randperm(n, device=points.device)[:cap], :]
 
 
 @torch.no_grad()
 def median_pairwise_distance(points: Tensor, median_sample: int | None = 512) -> Tensor:
     """Median (numpy convention: mean of the middle two) of the distances between distinct rows
-    of ``points (n, D)``, using at most ``median_sample`` random rows. Scalar, no grad."""
+    of ``points (..., n, D)``, using at most ``median_sample`` random rows. Shape ``(...)``, no grad."""
     points = _random_rows(points, median_sample)
-    n = points.shape[0]
+    n = points.shape[-2]
     d2 = pairwise_sq_dists(points, points)
     iu = torch.triu_indices(n, n, offset=1, device=points.device)
-    d2 = d2[iu[0], iu[1]]  # (n (n - 1) / 2,)
-    count = d2.numel()
+    d2 = d2[..., iu[0], iu[1]]  # (..., n (n - 1) / 2)
+    count = d2.shape[-1]
     # selection, not a sort: O(pairs)
-    lower = d2.kthvalue((count + 1) // 2).values
-    upper = d2.kthvalue(count // 2 + 1).values if count % 2 == 0 else lower
+    lower = d2.kthvalue((count + 1) // 2, dim=-1).values
+    upper = d2.kthvalue(count // 2 + 1, dim=-1).values if count % 2 == 0 else lower
     med = (lower.sqrt() + upper.sqrt()) / 2
     return med.clamp_min(1e-6)  # identical points: any positive bandwidth gives MMD 0
 
 
 def multi_gaussian_kernel(sq_dists: Tensor, sigma: Tensor, scales=BANDWIDTH_SCALES) -> Tensor:
-    """``sum_s exp(-d² / (2 (σ s)²))`` elementwise over ``sq_dists``."""
+    """``sum_s exp(-d² / (2 (σ s)²))`` elementwise over ``sq_dists (..., n, m)``; ``sigma (...)``."""
+    sigma = sigma.reshape(sigma.shape + (1, 1))
     out = torch.zeros_like(sq_dists)
     for scale in scales:
         out = out + torch.exp(sq_dists / (-2.0 * (sigma * scale) ** 2))
@@ -68,8 +71,37 @@ def multi_gaussian_kernel(sq_dists: Tensor, sigma: Tensor, scales=BANDWIDTH_SCAL
 
 
 def _mean_off_diagonal(k: Tensor) -> Tensor:
-    n = k.shape[0]
-    return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+    n = k.shape[-1]
+    return (k.sum(dim=(-2, -1)) - k.diagonal(dim1=-2, dim2=-1).sum(dim=-1)) / (n * (n - 1))
+
+
+def mmd2_layers(
+    x: Tensor,
+    y: Tensor,
+    scales=BANDWIDTH_SCALES,
+    median_sample: int | None = 512,
+    within_sample_cap: int | None = None,
+) -> Tensor:
+    """Unbiased MMD² between ``x[l] (n, D)`` and ``y[l] (m, D)`` for each ``l`` of ``x (L, n, D)``,
+    ``y (L, m, D)`` -> ``(L,)``, each with its own bandwidth: the adapter's layers in one batched
+    computation (a fixed number of kernels, however many layers) rather than one chain per layer.
+
+    Gradients flow into both arguments; detach one to use it as a fixed target. Needs at
+    least two rows on each side (returns zeros otherwise: the U-statistic is undefined). Computed
+    in float32 whatever the input dtype. ``median_sample`` / ``within_sample_cap``: see the module
+    docstring (``None`` = use every row); a random subset is shared by the layers.
+    """
+    if x.shape[-2] < 2 or y.shape[-2] < 2:
+        return (x.sum(dim=(-2, -1)) + y.sum(dim=(-2, -1))).float() * 0.0
+    x = x.float()
+    y = y.float()
+    sigma = median_pairwise_distance(torch.cat([x.detach(), y.detach()], dim=-2), median_sample)  # (L,)
+    x_in = _random_rows(x, within_sample_cap)
+    y_in = _random_rows(y, within_sample_cap)
+    k_xx = multi_gaussian_kernel(pairwise_sq_dists(x_in, x_in), sigma, scales)  # (L, n', n')
+    k_yy = multi_gaussian_kernel(pairwise_sq_dists(y_in, y_in), sigma, scales)  # (L, m', m')
+    k_xy = multi_gaussian_kernel(pairwise_sq_dists(x, y), sigma, scales)  # (L, n, m)
+    return _mean_off_diagonal(k_xx) + _mean_off_diagonal(k_yy) - 2.0 * k_xy.mean(dim=(-2, -1))
 
 
 def mmd2(
@@ -79,21 +111,6 @@ def mmd2(
     median_sample: int | None = 512,
     within_sample_cap: int | None = None,
 ) -> Tensor:
-    """Unbiased MMD² between samples ``x (n, D)`` and ``y (m, D)`` (scalar).
-
-    Gradients flow into both arguments; detach one to use it as a fixed target. Needs at
-    least two rows on each side (returns 0 otherwise: the U-statistic is undefined). Computed in
-    float32 whatever the input dtype. ``median_sample`` / ``within_sample_cap``: see the module
-    docstring (``None`` = use every row).
-    """
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        return (x.sum() + y.sum()).float() * 0.0
-    x = x.float()
-    y = y.float()
-    sigma = median_pairwise_distance(torch.cat([x.detach(), y.detach()]), median_sample)
-    x_in = _random_rows(x, within_sample_cap)
-    y_in = _random_rows(y, within_sample_cap)
-    k_xx = multi_gaussian_kernel(pairwise_sq_dists(x_in, x_in), sigma, scales)  # (n', n')
-    k_yy = multi_gaussian_kernel(pairwise_sq_dists(y_in, y_in), sigma, scales)  # (m', m')
-    k_xy = multi_gaussian_kernel(pairwise_sq_dists(x, y), sigma, scales)  # (n, m)
-    return _mean_off_diagonal(k_xx) + _mean_off_diagonal(k_yy) - 2.0 * k_xy.mean()
+    """Unbiased MMD² between samples ``x (n, D)`` and ``y (m, D)`` (scalar): :func:`mmd2_layers`
+    for one layer."""
+    return mmd2_layers(x.unsqueeze(0), y.unsqueeze(0), scales, median_sample, within_sample_cap)[0]

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idle_ray.adapter.alignment import DimensionAlignment
-from idle_ray.adapter.mmd import mmd2
+from idle_ray.adapter.mmd import mmd2_layers
 from idle_ray.adapter.refinement import (
     LayerwiseRefinement,
     block_positions,
@@ -138,7 +138,7 @@ class IDLEModel(nn.Module):
         mmd_weight: ``λ``; forced to 0 for ``idle_no_mmd``, ``llm_only``, ``llara``.
         mmd_max_text_states: at most this many text hidden states per batch enter the MMD.
         mmd_within_sample_cap: each within-sample kernel mean of the MMD uses at most this
-            many random rows (:func:`idle_ray.adapter.mmd.mmd2`). It bites on the text side,
+            many random rows (:func:`idle_ray.adapter.mmd.mmd2_layers`). It bites on the text side,
             whose term has no gradient (stop-gradient): the estimate stays unbiased, the
             gradient is unchanged, and the work per layer drops from (text states)² to cap².
             ``None``: every row.
@@ -451,8 +451,7 @@ class IDLEModel(nn.Module):
         if not mmd_tokens:
             device = self.adapter.head.proj.weight.device
             return torch.zeros((), device=device)
-        terms = [
-            mmd2(tokens, text_states[layer], within_sample_cap=self.mmd_within_sample_cap)
-            for layer, tokens in mmd_tokens.items()
-        ]
-        return torch.stack(terms).mean()
+        layers = list(mmd_tokens)
+        tokens = torch.stack([mmd_tokens[layer] for layer in layers])  # (L, B·k, D)
+        text = torch.stack([text_states[layer] for layer in layers])  # (L, m, D): one subsample
+        return mmd2_layers(tokens, text, within_sample_cap=self.mmd_within_sample_cap).mean()
