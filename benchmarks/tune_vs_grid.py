@@ -10,6 +10,7 @@ reports the median. Both experiments resume if interrupted (rerun the same comma
 
     python benchmarks/tune_vs_grid.py --config configs/tune_bench_ml100k.yaml
     python benchmarks/tune_vs_grid.py --config configs/tune_bench_ml100k.yaml --seeds 0,1,2
+    python benchmarks/tune_vs_grid.py --config configs/tune_bench_ml100k.yaml --search-set tune.reduction_factor=3
 """
 from __future__ import annotations
 
@@ -27,17 +28,19 @@ def run(config: str, sets: list[str], grid: bool) -> dict:
     """One ``jobs/tune.py`` experiment; returns its summary (``test_results.json``)."""
     from idle_ray.config import load_config
     from idle_ray.train.report import read_json_in
-    from idle_ray.train.storage import join
     from idle_ray.tune.search import TEST_RESULTS_FILE
-    from jobs.tune import experiment_name
+    from jobs.tune import experiment_location
 
     cmd = [sys.executable, os.path.join(ROOT, "jobs/tune.py"), "--config", config, "--no-test"]
     cmd += ["--grid"] if grid else []
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
-    cfg = load_config(config, sets)
-    return read_json_in(join(cfg.train.storage_path, experiment_name(cfg, grid)), TEST_RESULTS_FILE)
+    _, exp = experiment_location(load_config(config, sets), grid)
+    summary = read_json_in(exp, TEST_RESULTS_FILE)
+    if summary is None:
+        raise FileNotFoundError(f"{exp}/{TEST_RESULTS_FILE} is missing after {' '.join(cmd)}")
+    return summary
 
 
 def trial_epochs(summary: dict) -> int:
@@ -48,12 +51,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs/tune_bench_ml100k.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--search-set", dest="search_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="overrides for the search only, e.g. its ASHA settings (the grid has no scheduler)")
     p.add_argument("--seeds", default="0", help="search seeds (comma list); the median is reported")
     p.add_argument("--json", default="", help="also write the table's numbers here")
     args = p.parse_args(argv)
 
     grid = run(args.config, args.overrides, grid=True)
-    searches = [run(args.config, args.overrides + [f"seed={s}"], grid=False) for s in args.seeds.split(",")]
+    searches = [run(args.config, args.overrides + args.search_overrides + [f"seed={s}"], grid=False)
+                for s in args.seeds.split(",")]
     best_ratio = statistics.median(s["best_val"] / grid["best_val"] for s in searches)
     time_ratio = statistics.median(s["trial_seconds"] / grid["trial_seconds"] for s in searches)
     epoch_ratio = statistics.median(trial_epochs(s) / trial_epochs(grid) for s in searches)

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +28,19 @@ from idle_ray.tune.search import SEARCH_SPACE_FILE, SEARCHED, TEST_RESULTS_FILE 
 
 def experiment_name(cfg, grid: bool) -> str:
     return f"{cfg.name}-{'grid' if grid else 'search'}-{config_hash(cfg)[:8]}"
+
+
+def experiment_location(cfg, grid: bool):
+    """``(cfg, folder)``: the config as the trials get it (``train.storage_path`` resolved here:
+    trials run in other processes and folders) and the experiment folder, whose name hashes that
+    config. Anything that looks for an experiment by its config (the benchmark) calls this too."""
+    from idle_ray.train.storage import is_uri, join
+
+    storage = cfg.train.storage_path
+    if not is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
+    return cfg, join(storage, experiment_name(cfg, grid))
 
 
 def trial_rows(results, metric: str) -> list[dict]:
@@ -81,7 +95,6 @@ def main(argv=None):
     from idle_ray.train import builders
     from idle_ray.train.launch import check_storage, ensure_ray
     from idle_ray.train.report import write_json_in
-    from idle_ray.train.storage import join
     from idle_ray.tune.search import max_concurrent_trials, restore_or_build, unfinished_trials
     from jobs.pretrain import pretrain
 
@@ -93,11 +106,9 @@ def main(argv=None):
     print(format_summary(prepared), flush=True)
     artifact, _ = pretrain(cfg, prepared)
     ensure_ray()
-    storage = check_storage(cfg.train.storage_path, cfg.train.num_workers)
-    # Trials run in other processes and folders: hand them the resolved location.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
-    name = experiment_name(cfg, args.grid)
-    exp = join(storage, name)
+    check_storage(cfg.train.storage_path, cfg.train.num_workers)
+    cfg, exp = experiment_location(cfg, args.grid)
+    storage, name = cfg.train.storage_path, experiment_name(cfg, args.grid)
     concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
     print(f"[tune] experiment {exp}: {concurrent} trial(s) at once", flush=True)
     # The declared space, so the report's importances use the real ranges (not the values seen).
