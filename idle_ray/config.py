@@ -105,6 +105,10 @@ class AdapterConfig:
     refine_bottleneck: int = _f(64, "Bottleneck width of each layer's refinement MLP.", min=1)
     mmd_weight: float = _f(0.1, "lambda: weight of the MMD alignment loss.", min=0.0, max=10.0)
     mmd_max_text_states: int = _f(2048, "Text hidden states subsampled per layer per batch for MMD.", min=2)
+    kv_split: str = _f("auto", "Decoders: run the text before {id_tokens} once without autograd (KV cache) "
+                       "and only the tail with it. 'auto': always for CPU training, never with train.use_gpu on "
+                       "a GPU (one full pass was 11-15% faster on an H200 at 128 tokens; same loss).",
+                       choices=("auto", "always", "never"))
 
 
 @dataclass

@@ -71,3 +71,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_config_hash_changes_with_content():
     assert config_hash(load_config(None)) == config_hash(load_config(None))
     assert config_hash(load_config(None)) != config_hash(load_config(None, ["seed=1"]))
+
+
+def test_kv_split_setting():
+    import torch
+
+    from idle_ray.train.builders import kv_split
+
+    assert kv_split(load_config(None, ["adapter.kv_split=always", "train.use_gpu=true"]))
+    assert not kv_split(load_config(None, ["adapter.kv_split=never"]))
+    assert kv_split(load_config(None, ["adapter.kv_split=auto"]))  # CPU training
+    assert kv_split(load_config(None, ["train.use_gpu=true"])) == (not torch.cuda.is_available())
+    with pytest.raises(ConfigError, match=r"adapter\.kv_split"):
+        load_config(None, ["adapter.kv_split=maybe"])

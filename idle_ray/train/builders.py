@@ -95,7 +95,14 @@ def adapter_model(cfg: ExperimentConfig, backbone, id_model: nn.Module) -> nn.Mo
     return IDLEModel(backbone, id_model, variant=a.variant, prompt_length=a.prompt_length,
                      projection_width=a.projection_width, refine_layers=refine_layer_ids(a.refine_layers),
                      refine_width=a.refine_bottleneck, mmd_weight=a.mmd_weight,
-                     mmd_max_text_states=a.mmd_max_text_states)
+                     mmd_max_text_states=a.mmd_max_text_states, kv_split=kv_split(cfg))
+
+
+def kv_split(cfg: ExperimentConfig) -> bool:
+    """``adapter.kv_split``: ``auto`` splits unless the workers train on a GPU."""
+    if cfg.adapter.kv_split != "auto":
+        return cfg.adapter.kv_split == "always"
+    return not (cfg.train.use_gpu and torch.cuda.is_available())
 
 
 def prompt_stage_kwargs(cfg: ExperimentConfig, prepared: PreparedDataset) -> dict:
