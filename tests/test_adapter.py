@@ -146,7 +146,7 @@ def test_mmd_layers_batched_equals_one_layer_at_a_time():
     assert batched.shape == (3,)
     torch.testing.assert_close(batched, looped, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g_batched, g_looped, atol=1e-6, rtol=1e-5)
-    assert float(batched[0]) == pytest.approx(brute_force_mmd2(tokens[0].detach(), text[0]), rel=1e-4, abs=1e-6)
+    assert float(batched[0].detach()) == pytest.approx(brute_force_mmd2(tokens[0].detach(), text[0]), rel=1e-4, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ modules
