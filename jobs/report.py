@@ -185,6 +185,8 @@ def main(argv=None):
     if "://" not in exp and not os.path.isdir(exp):
         cli.fail(FileNotFoundError(f"--experiment {exp}: no such folder; pass the experiment folder that "
                                    "jobs/tune.py printed (under train.storage_path)"))
+    if "://" not in exp:
+        exp = os.path.abspath(exp)  # Tune reads a relative path as a URI without a scheme
     out = args.out or os.path.join("results", "report", os.path.basename(exp))
     path = write_report(exp, out, args.metric)
     print(f"[report] wrote {path} (+ params.png, curves.png, trials.json)")

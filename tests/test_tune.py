@@ -183,7 +183,7 @@ def test_tune_job_search_restore_and_report(tmp_path):
     assert all(r["test"]["users"] == 24 for r in summary["test"]["records"])
     assert summary["best_val"] == max(t["best"] for t in trials)
 
-    rep = subprocess.run([sys.executable, str(ROOT / "jobs/report.py"), "--experiment", str(exp),
+    rep = subprocess.run([sys.executable, str(ROOT / "jobs/report.py"), "--experiment", os.path.relpath(exp, tmp_path),
                           "--out", str(tmp_path / "report")], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert rep.returncode == 0, rep.stderr[-3000:]
