@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from idle_ray import cli  # noqa: E402
 from idle_ray.train.report import read_json_in  # noqa: E402
+from idle_ray.train.storage import absolute  # noqa: E402
 from idle_ray.tune.search import LOG_SCALE, SEARCH_SPACE_FILE, SEARCHED, TEST_RESULTS_FILE  # noqa: E402
 
 
@@ -185,8 +186,7 @@ def main(argv=None):
     if "://" not in exp and not os.path.isdir(exp):
         cli.fail(FileNotFoundError(f"--experiment {exp}: no such folder; pass the experiment folder that "
                                    "jobs/tune.py printed (under train.storage_path)"))
-    if "://" not in exp:
-        exp = os.path.abspath(exp)  # Tune reads a relative path as a URI without a scheme
+    exp = absolute(exp)  # Tune reads a relative path as a URI without a scheme
     out = args.out or os.path.join("results", "report", os.path.basename(exp))
     path = write_report(exp, out, args.metric)
     print(f"[report] wrote {path} (+ params.png, curves.png, trials.json)")

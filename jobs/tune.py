@@ -16,7 +16,6 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,11 +33,9 @@ def experiment_location(cfg, grid: bool):
     """``(cfg, folder)``: the config as the trials get it (``train.storage_path`` resolved here:
     trials run in other processes and folders) and the experiment folder, whose name hashes that
     config. Anything that looks for an experiment by its config (the benchmark) calls this too."""
-    from idle_ray.train.storage import is_uri, join
+    from idle_ray.train.storage import absolute, join
 
-    storage = cfg.train.storage_path
-    if not is_uri(storage):
-        storage = str(Path(storage).expanduser().resolve())
+    storage = absolute(cfg.train.storage_path)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
     return cfg, join(storage, experiment_name(cfg, grid))
 

@@ -104,13 +104,7 @@ def mmd2_layers(
     return _mean_off_diagonal(k_xx) + _mean_off_diagonal(k_yy) - 2.0 * k_xy.mean(dim=(-2, -1))
 
 
-def mmd2(
-    x: Tensor,
-    y: Tensor,
-    scales=BANDWIDTH_SCALES,
-    median_sample: int | None = 512,
-    within_sample_cap: int | None = None,
-) -> Tensor:
+def mmd2(x: Tensor, y: Tensor, **options) -> Tensor:
     """Unbiased MMD² between samples ``x (n, D)`` and ``y (m, D)`` (scalar): :func:`mmd2_layers`
-    for one layer."""
-    return mmd2_layers(x.unsqueeze(0), y.unsqueeze(0), scales, median_sample, within_sample_cap)[0]
+    for one layer, with the same keyword options."""
+    return mmd2_layers(x.unsqueeze(0), y.unsqueeze(0), **options)[0]

@@ -58,7 +58,7 @@ def check_storage(storage_path: str, num_workers: int) -> str:
     if run_storage.is_uri(storage_path):
         run_storage.check_uri(storage_path)
         return storage_path
-    path = str(Path(storage_path).expanduser().resolve())
+    path = run_storage.absolute(storage_path)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and num_workers > 1 and not os.environ.get("IDLE_RAY_SHARED_STORAGE"):
         raise ConfigError(

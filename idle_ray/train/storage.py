@@ -29,10 +29,16 @@ def is_uri(location: str) -> bool:
     return "://" in str(location)
 
 
+def absolute(location: str) -> str:
+    """A URI as it is; a local path made absolute (Ray and Tune read a relative one elsewhere, or
+    as a URI without a scheme)."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path on it)``; local paths become absolute."""
     if not is_uri(location):
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+        return pafs.LocalFileSystem(), absolute(location)
     return pafs.FileSystem.from_uri(str(location))
 
 
