@@ -73,6 +73,9 @@ class PretrainConfig:
                           choices=("window", "prefix"))
     num_workers: int = _f(1, "Ray Train workers.", min=1)
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (fractional leaves room for Ray Data).", min=0.0)
+    holdout_targets: int = _f(0, "Out-of-sample ID states (DESIGN 5c): pre-train without each user's last N "
+                              "training targets, so the adapter (data.train_targets_per_user = N) learns from "
+                              "targets the ID model never saw. 0: pre-train on every training target.", min=0)
 
 
 @dataclass
@@ -105,6 +108,9 @@ class AdapterConfig:
     refine_bottleneck: int = _f(64, "Bottleneck width of each layer's refinement MLP.", min=1)
     mmd_weight: float = _f(0.1, "lambda: weight of the MMD alignment loss.", min=0.0, max=10.0)
     mmd_max_text_states: int = _f(2048, "Text hidden states subsampled per layer per batch for MMD.", min=2)
+    fusion: str = _f("residual", "Score fusion (our addition, DESIGN 5b): 'residual' = z = u + W_o r + b_o with a "
+                     "zero-initialised head, so step 0 ranks exactly as the ID model; 'none' = the paper's head "
+                     "z = W_o r + b_o. Variants with ID input only (not llm_only).", choices=("residual", "none"))
     kv_split: str = _f("auto", "Decoders: run the text before {id_tokens} once without autograd (KV cache) "
                        "and only the tail with it. 'auto': always for CPU training, never with train.use_gpu on "
                        "a GPU (one full pass was 11-15% faster on an H200 at 128 tokens; same loss).",
@@ -118,6 +124,12 @@ class TrainConfig:
     lr: float = _f(1e-3, "AdamW learning rate.", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
+    lr_schedule: str = _f("cosine", "After warm-up: 'cosine' decay to 0 over the run's steps, or 'constant'.",
+                          choices=("cosine", "constant"))
+    validate_at_start: bool = _f(True, "Adapters: validate before the first update too (epoch 0), so selection "
+                                 "can keep the starting point (with score fusion: the ID model's ranking).")
+    torch_threads: int = _f(0, "Intra-op threads per worker (0: the node's cores / workers). Fixed thread "
+                            "counts make runs bit-reproducible; recorded in every result.", min=0)
     num_workers: int = _f(2, "Ray Train workers.", min=1)
     cpus_per_worker: float = _f(0.5, "CPUs per worker; fractional so Ray Data keeps a share.", min=0.0)
     use_gpu: bool = _f(False, "Train on GPUs (NCCL + bf16).")
@@ -136,6 +148,8 @@ class EvalConfig:
     batch_size: int = _f(256, "Users per evaluation batch.", min=1)
     num_negatives_sampled: int = _f(99, "Negatives in the sampled protocol.", min=1)
     num_negatives_llara: int = _f(19, "Negatives in the LLaRA protocol.", min=1)
+    max_users: int = _f(0, "Evaluate users 1..max_users only (0: all). For smoke runs; headline numbers use "
+                        "all users.", min=0)
 
 
 @dataclass

@@ -18,15 +18,28 @@ from idle_ray.config import config_hash  # noqa: E402
 
 def pretrain(cfg, prepared, log=print) -> tuple[str, dict]:
     """Train (or resume / reuse) the ID model; returns (artifact folder, its metadata)."""
+    from idle_ray.build_once import BuildLock, is_complete
+    from idle_ray.models.artifact import read_id_metadata
+    from idle_ray.train import builders
+
+    out = builders.id_artifact_dir(cfg, prepared)
+    explicit = bool(cfg.id_model.artifact) and (out / "model.json").is_file()  # the user's own, as it is
+    if explicit or is_complete(out):
+        log(f"[pretrain] reusing {out}")
+        return str(out), read_id_metadata(out)
+    with BuildLock(out, "pretrain", log):  # a concurrent job with the same settings waits, then reuses
+        if is_complete(out):
+            log(f"[pretrain] reusing {out} (trained by another process meanwhile)")
+            return str(out), read_id_metadata(out)
+        return _pretrain_locked(cfg, prepared, out, log)
+
+
+def _pretrain_locked(cfg, prepared, out, log) -> tuple[str, dict]:
     from idle_ray.models.artifact import read_id_metadata, save_id_artifact
     from idle_ray.train import builders
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
     from idle_ray.train.weights import load_weights
 
-    out = builders.id_artifact_dir(cfg, prepared)
-    if (out / "model.json").is_file():
-        log(f"[pretrain] reusing {out}")
-        return str(out), read_id_metadata(out)
     ensure_ray()
     t0 = time.time()
     result = run_training(cfg, prepared, task="pretrain", run_name=f"{out.name}")

@@ -41,7 +41,8 @@ def train_and_test(cfg, prepared, artifact: str, log=print) -> dict:
     ckpt = result.checkpoint
     record.update(run=name, train_seconds=round(time.time() - t0, 1), checkpoint=uri(ckpt.filesystem, ckpt.path),
                   best_val_ndcg_at_10=result.metrics.get("best_val_ndcg@10"), epochs=result.metrics.get("epoch"),
-                  steps=result.metrics.get("step"), samples_per_s=result.metrics.get("samples_per_s"))
+                  steps=result.metrics.get("step"), best_step=result.metrics.get("best_step"),
+                  torch_threads=result.metrics.get("torch_threads"), samples_per_s=result.metrics.get("samples_per_s"))
     t1 = time.time()
     record["test"] = evaluate_adapter(cfg, prepared, "test", best_weights(result), artifact)
     record["test_seconds"] = round(time.time() - t1, 1)

@@ -224,7 +224,7 @@ def test_zero_init_refinement_every_layer_receives_exactly_h(backbones, name):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_forward_backward(backbones, name, variant):
     bb = backbones[name]
-    model = make_model(bb, variant).train()
+    model = make_model(bb, variant, fusion="none").train()  # random head: gradient reaches every part at once
     out = model(make_batch(bb, variant), return_scores=True)
     assert set(out) == {"loss", "ce", "mmd", "scores"}
     assert out["scores"].shape == (4, NUM_ITEMS + 1) and torch.isinf(out["scores"][:, 0]).all()
@@ -524,3 +524,35 @@ def test_minilm_variants_forward_backward(variant):
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.adapter.head.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in bb.model.parameters())
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("variant", ["idle", "idle_no_refine", "idle_no_mmd", "llara"])
+def test_fusion_step0_equals_id_model_then_trains_every_part(backbones, name, variant):
+    """Score fusion: at step 0 the scores are the ID model's own (to 1e-5); after one optimiser step
+    the head is off zero and the gradient reaches the alignment / item MLP too."""
+    bb = backbones[name]
+    model = make_model(bb, variant).train()
+    batch = make_batch(bb, variant)
+    with torch.no_grad():
+        ours = model.full_sort_predict(batch)
+        theirs = model.id_model.full_sort_predict(torch.as_tensor(batch["history"]).long())
+    assert torch.isinf(ours[:, 0]).all() and torch.allclose(ours[:, 1:], theirs[:, 1:], atol=1e-5)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(is_trainable(n) for n in moved)  # frozen stays frozen
+    assert model.adapter.head.proj.weight.abs().sum() > 0
+    part = model.adapter.alignment.fc_out if model.adapter.alignment is not None else model.adapter.item_proj[2]
+    assert part.weight.grad.abs().sum() > 0  # second step: the gradient reaches the LLM-side part
+    with torch.no_grad():
+        assert not torch.allclose(model.full_sort_predict(batch)[:, 1:], theirs[:, 1:], atol=1e-5)
+
+
+def test_fusion_never_for_llm_only(backbones):
+    model = make_model(backbones["tiny-decoder"], "llm_only")
+    assert model.fusion == "none" and model.adapter.head.proj.weight.abs().sum() > 0

@@ -11,7 +11,12 @@ Forward (variant ``idle``):
 4. ``r`` = read-out state: the last column (decoders) or mean pooling over real tokens
    (encoders; ID tokens included), of the LLM's final hidden states.
 5. ``z = W_o r + b_o`` ``(B, d)``; ``scores = z · item_tableᵀ + item_bias`` ``(B, N + 1)``, column
-   0 (padding) ``-inf``.
+   0 (padding) ``-inf``. With **score fusion** (``fusion="residual"``, the default; our addition,
+   DESIGN §5b) ``z = u + W_o r + b_o`` with ``W_o``, ``b_o`` (and the item bias) zero-initialised:
+   at step 0 the scores equal the ID model's ``u · item_tableᵀ`` exactly, so validation before the
+   first update can keep the ID model's ranking, and training only adds what the LLM contributes.
+   ``fusion="none"`` is the paper's head (random ``W_o``). Fusion applies to the variants that
+   take ID input (``idle*``, ``llara``); ``llm_only`` never sees ``u``.
 6. ``loss = CE(scores, target) + λ · mean_l MMD²(p^(l), sg(x^(l)))`` with ``x^(l)`` the layer-``l``
    inputs at text positions (``text_mask``), a random subsample of at most
    ``mmd_max_text_states`` shared by all layers. For decoders the text positions are those of
@@ -73,6 +78,7 @@ from idle_ray.adapter.refinement import (
 from idle_ray.llm.backbone import Backbone
 
 VARIANTS = ("llm_only", "llara", "idle", "idle_no_refine", "idle_no_mmd")
+FUSIONS = ("residual", "none")
 ADAPTER_PREFIX = "adapter."
 TEXT_KEYS = ("input_ids", "attention_mask", "text_mask")
 
@@ -95,14 +101,20 @@ class OutputHead(nn.Module):
         use_item_bias: add a trainable per-item bias (zero-initialised).
     """
 
-    def __init__(self, hidden_size: int, id_dim: int, num_rows: int, use_item_bias: bool):
+    def __init__(self, hidden_size: int, id_dim: int, num_rows: int, use_item_bias: bool, zero_init: bool = False):
         super().__init__()
         self.proj = nn.Linear(hidden_size, id_dim)  # W_o, b_o
+        if zero_init:  # score fusion: the head starts as "no correction" of the ID model's state
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
         self.item_bias = nn.Parameter(torch.zeros(num_rows)) if use_item_bias else None
 
-    def forward(self, readout: Tensor, item_table: Tensor) -> Tensor:
-        """``readout (B, D)``, ``item_table (N + 1, d)`` -> ``scores (B, N + 1)``."""
+    def forward(self, readout: Tensor, item_table: Tensor, user_state: Tensor | None = None) -> Tensor:
+        """``readout (B, D)``, ``item_table (N + 1, d)``, optional fused ``user_state (B, d)`` ->
+        ``scores (B, N + 1)``."""
         z = self.proj(readout.to(self.proj.weight.dtype))  # (B, d)
+        if user_state is not None:
+            z = user_state.to(z.dtype) + z
         scores = z @ item_table.to(z.dtype).transpose(0, 1)  # (B, N + 1)
         if self.item_bias is not None:
             scores = scores + self.item_bias.to(scores.dtype)
@@ -144,6 +156,8 @@ class IDLEModel(nn.Module):
             ``None``: every row.
         use_item_bias: add a trainable per-item bias to the scores (zero-initialised).
         kv_split: decoders run the prefix once without autograd (see module docstring).
+        fusion: ``"residual"`` (``z = u + W_o r + b_o``, zero-initialised head) or ``"none"``
+            (``z = W_o r + b_o``); ignored (``"none"``) for ``llm_only``.
     """
 
     def __init__(
@@ -160,12 +174,16 @@ class IDLEModel(nn.Module):
         mmd_within_sample_cap: int | None = 512,
         use_item_bias: bool = True,
         kv_split: bool = True,
+        fusion: str = "residual",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if mmd_weight < 0:
             raise ValueError(f"mmd_weight must be >= 0, got {mmd_weight}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion if variant != "llm_only" else "none"
         self.backbone = backbone  # plain attribute (dataclass); its model is registered as `llm`
         self.llm = backbone.model
         self.id_model = id_model
@@ -200,7 +218,7 @@ class IDLEModel(nn.Module):
             self.adapter.item_proj = nn.Sequential(
                 nn.Linear(id_dim, projection_width), nn.GELU(), nn.Linear(projection_width, hidden)
             )
-        self.adapter.head = OutputHead(hidden, id_dim, num_rows, use_item_bias)
+        self.adapter.head = OutputHead(hidden, id_dim, num_rows, use_item_bias, zero_init=self.fusion == "residual")
 
         if variant == "idle_no_refine":
             self.mmd_layers: tuple[int, ...] = (0,)
@@ -253,6 +271,7 @@ class IDLEModel(nn.Module):
             "hidden_size": str(self.backbone.hidden_size),
             "backbone": self.backbone.name,
             "mmd_layers": json.dumps(list(self.mmd_layers)),
+            "fusion": self.fusion,
         }
 
     def save_adapter(self, path: str) -> None:
@@ -270,7 +289,7 @@ class IDLEModel(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         mine = self.checkpoint_metadata()
-        for key in ("variant", "prompt_length", "hidden_size"):
+        for key in ("variant", "prompt_length", "hidden_size", "fusion"):
             if key in meta and meta[key] != mine[key]:
                 raise ValueError(f"adapter checkpoint {key}={meta[key]!r} does not match this model's {mine[key]!r}")
         device = next(self.adapter.parameters()).device
@@ -282,8 +301,12 @@ class IDLEModel(nn.Module):
         """``batch`` (see module docstring) -> ``{loss, ce, mmd}`` (+ ``scores (B, N + 1)`` when
         ``return_scores`` or when the batch has no ``target``, in which case only ``scores``)."""
         batch = self._prepare(batch)
-        readout, mmd = self._encode(batch)  # (B, D), scalar
-        scores = self._scores(readout)  # (B, N + 1)
+        user_state = None
+        if self.prompt_length > 0 or self.fusion == "residual":
+            with torch.no_grad():
+                user_state = self.id_model.user_state(batch["history"])  # (B, d), frozen
+        readout, mmd = self._encode(batch, user_state)  # (B, D), scalar
+        scores = self._scores(readout, user_state if self.fusion == "residual" else None)  # (B, N + 1)
         if "target" not in batch:
             return {"scores": scores}
         target = batch["target"]
@@ -299,8 +322,8 @@ class IDLEModel(nn.Module):
         """``(B, N + 1)`` scores over all items (column 0 ``-inf``), no autograd."""
         return self.forward({k: v for k, v in batch.items() if k != "target"})["scores"]
 
-    def _scores(self, readout: Tensor) -> Tensor:
-        return self.adapter.head(readout, self.item_table_frozen)  # (B, N + 1)
+    def _scores(self, readout: Tensor, user_state: Tensor | None = None) -> Tensor:
+        return self.adapter.head(readout, self.item_table_frozen, user_state)  # (B, N + 1)
 
     def _prepare(self, batch: Mapping) -> dict[str, Tensor]:
         device = self.adapter.head.proj.weight.device
@@ -348,11 +371,9 @@ class IDLEModel(nn.Module):
             b_idx, t_idx = b_idx[keep], t_idx[keep]
         return b_idx, t_idx
 
-    def _id_token_values(self, batch: dict[str, Tensor]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    def _id_token_values(self, user_state: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """``(inject, mmd_tokens)``: per layer, the (B·k, D) values written at the ID positions,
         and the ID-token sets that enter the MMD."""
-        with torch.no_grad():
-            user_state = self.id_model.user_state(batch["history"])  # (B, d)
         align = self.adapter.alignment
         h = align(user_state.to(align.fc_in.weight.dtype))  # (B, k, D)
         batch_size, k, hidden = h.shape
@@ -372,7 +393,7 @@ class IDLEModel(nn.Module):
         values = self.adapter.item_proj(emb.to(self.adapter.head.proj.weight.dtype))  # (M, D)
         return b_idx, item_pos[b_idx, h_idx], values
 
-    def _encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _encode(self, batch: dict[str, Tensor], user_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """Run the LLM with the adapter attached -> ``(readout (B, D), mmd scalar)``."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         layers = self.backbone.layers
@@ -387,7 +408,7 @@ class IDLEModel(nn.Module):
                 out = self.llm(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
             return self._readout(out.last_hidden_state, mask), zero
 
-        inject, mmd_tokens = self._id_token_values(batch)
+        inject, mmd_tokens = self._id_token_values(user_state)
         k = self.prompt_length
         id_start = batch["id_start"]
         if self.kind == "decoder" and self.kv_split:

@@ -24,19 +24,28 @@ DATA_CPUS = 0.1
 
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
-                  shuffle: bool | None = None, passes: int = 1, windows: bool = False) -> ray.data.Dataset:
+                  shuffle: bool | None = None, passes: int = 1, windows: bool = False,
+                  max_user: int = 0, seed: int | None = None, holdout: int = 0, rank: int = 0,
+                  world: int = 1) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
     ``extra_stage``: ``(function, kwargs)`` applied after windowing (e.g. prompt tokenisation).
-    ``shuffle`` (default: train only) randomises the block order; the consumer adds a local
-    shuffle buffer.  No global shuffle: it would materialise the dataset.
+    ``shuffle`` (default: train only) without ``seed`` randomises the block order (the consumer
+    adds a local shuffle buffer). With ``seed`` (training): files are read in order and the samples
+    get a **seeded global shuffle** (``random_shuffle(seed)``, before tokenisation, so only the
+    small integer columns move); with order-preserving execution (``DataConfig(execution_options=
+    ...preserve_order=True)``) the stream is then the same in every run.
+    ``rank``/``world``: only the users with ``user % world == rank`` (a worker's deterministic
+    share: one dataset per rank). ``holdout``: the last training targets left out (pre-training on
+    out-of-sample targets for the adapter). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs).
     """
     import ray.data  # here, not at module level: the standalone worker reads shards without Ray
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
-    shuffle_files = "files" if (shuffle if shuffle is not None else split == "train") else None
+    shuffle = shuffle if shuffle is not None else split == "train"
+    shuffle_files = "files" if shuffle and seed is None else None
     def read():
         # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
         # The V2 Parquet path lists files in a task that asks a whole CPU whatever num_cpus says,
@@ -55,8 +64,11 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
         ds = ds.union(*[read() for _ in range(passes - 1)])
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
-        "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows},
+        "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows,
+        "max_user": max_user, "holdout": holdout, "rank": rank, "world": world},
         batch_format="pyarrow", batch_size=batch_size, num_cpus=DATA_CPUS)
+    if shuffle and seed is not None:
+        ds = ds.random_shuffle(seed=seed, num_cpus=DATA_CPUS)
     if extra_stage is not None:
         fn, kwargs = extra_stage
         # A task (not an actor pool): next to train workers that hold most CPUs, Ray Data may not
@@ -72,26 +84,34 @@ def split_datasets(prepared: PreparedDataset, max_history: int, targets_per_user
     return {s: split_dataset(prepared, s, max_history, targets_per_user, **kwargs) for s in splits}
 
 
-def _sequence_lengths(prepared: PreparedDataset):
+def _sequence_lengths(prepared: PreparedDataset, rank: int = 0, world: int = 1):
     import numpy as np
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    return np.asarray(pc.list_value_length(pq.read_table(prepared.sequences_dir, columns=["items"])["items"]))
+    table = pq.read_table(prepared.sequences_dir, columns=["user", "items"])
+    lengths = np.asarray(pc.list_value_length(table["items"]))
+    return lengths if world == 1 else lengths[np.asarray(table["user"]) % world == rank]
 
 
 def sample_count(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                 windows: bool = False) -> int:
-    """Samples a split yields: the manifest's count, or recomputed from the sequence lengths."""
+                 windows: bool = False, holdout: int = 0, rank: int = 0, world: int = 1) -> int:
+    """Samples a split yields (for the users ``user % world == rank``): the manifest's count, or
+    recomputed from the sequence lengths."""
     from idle_ray.data.prepare import train_sample_count
     from idle_ray.data.samples import window_count
-    if split != "train" or (not windows and targets_per_user == prepared.manifest["train_targets_per_user"]):
+    plain = not windows and not holdout and targets_per_user == prepared.manifest["train_targets_per_user"]
+    if world == 1 and (split != "train" or plain):
         return int(prepared.manifest["splits"][split])
-    lengths = _sequence_lengths(prepared)
-    return window_count(lengths, max_history) if windows else train_sample_count(lengths, targets_per_user)
+    lengths = _sequence_lengths(prepared, rank, world)
+    if split != "train":
+        return int(len(lengths))
+    if windows:
+        return window_count(lengths, max_history, holdout)
+    return train_sample_count(lengths - holdout, targets_per_user)
 
 
 def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                       windows: bool = False):
+                       windows: bool = False, holdout: int = 0):
     """Single-process baseline: pyarrow + numpy, same transformation, one shard at a time.
 
     Used by tests (equivalence with the Ray pipeline) and by the data benchmark.
@@ -99,5 +119,5 @@ def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, 
     import pyarrow.parquet as pq
     for f in sorted(Path(prepared.sequences_dir).glob("part-*.parquet")):
         out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user,
-                            windows)
+                            windows, holdout=holdout)
         yield out

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from idle_ray.build_once import BuildLock, build_locked, is_complete
 from idle_ray.data.readers import DataError, fingerprint_files, read_source
 
 SCHEMA_VERSION = 1
@@ -120,11 +118,20 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     out_dir = Path(output_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
     final = out_dir / f"{dataset}-{fp[:12]}"
-    if (final / "manifest.json").is_file():
-        manifest = json.loads((final / "manifest.json").read_text())
+    if is_complete(final):
         log(f"[prepare] cache hit: {final}")
-        return PreparedDataset(final, manifest)
+        return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+    with BuildLock(final, "prepare", log):  # one process prepares; concurrent jobs wait, then hit
+        if is_complete(final):
+            log(f"[prepare] cache hit: {final} (prepared by another process meanwhile)")
+            return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+        return _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final,
+                               min_user_interactions, min_item_interactions, rows_per_shard,
+                               train_targets_per_user, log)
 
+
+def _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final, min_user_interactions,
+                    min_item_interactions, rows_per_shard, train_targets_per_user, log) -> PreparedDataset:
     raw_stats = {"users": int(inter["user_id"].nunique()), "items": int(inter["item_id"].nunique()),
                  "interactions": int(len(inter))}
     log(f"[prepare] {dataset}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
@@ -176,9 +183,7 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     splits = {"train": train_sample_count(lengths, train_targets_per_user),
               "valid": int(len(users)), "test": int(len(users))}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out_dir))
-    try:
+    def write(tmp: Path) -> None:
         (tmp / "sequences").mkdir()
         (tmp / "vocab").mkdir()
         shard_files = []
@@ -214,13 +219,8 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
             "shards": shard_files, "vocabulary": "vocab/items.parquet", "users": "vocab/users.parquet",
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a concurrent writer won the race: its result is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_locked(final, write, what="prepare", log=log)  # the caller holds the lock
     return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
 
 

@@ -28,8 +28,13 @@ def _flat(column) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
-def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(row index of the user, flat index of the target) for every sample of ``split``."""
+def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0,
+                     holdout: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(row index of the user, flat index of the target) for every sample of ``split``.
+
+    ``holdout > 0`` (train only): the last ``holdout`` training targets of every user are left out
+    (the ID model pre-trains without them; the adapter then trains on exactly them, out of sample).
+    """
     starts, lengths = offsets[:-1], np.diff(offsets)
     if split == "valid":
         return np.arange(len(starts)), starts + lengths - 2
@@ -38,7 +43,7 @@ def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0)
     if split != "train":
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     first = np.ones_like(lengths)  # position 0 has no history
-    last = lengths - 3  # inclusive
+    last = lengths - 3 - holdout  # inclusive
     if targets_per_user > 0:
         first = np.maximum(first, last - targets_per_user + 1)
     counts = np.maximum(last - first + 1, 0)
@@ -48,10 +53,10 @@ def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0)
 
 
 def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
-                 targets_per_user: int = 0) -> dict[str, np.ndarray]:
+                 targets_per_user: int = 0, holdout: int = 0) -> dict[str, np.ndarray]:
     """Vectorised windowing of a batch of user sequences into samples (see module doc)."""
     values, offsets = _flat(items_column)
-    rows, tpos = target_positions(offsets, split, targets_per_user)
+    rows, tpos = target_positions(offsets, split, targets_per_user, holdout)
     user_start = offsets[:-1][rows]
     idx = tpos[:, None] + np.arange(-max_history, 0)[None, :]  # (S, L)
     valid = idx >= user_start[:, None]
@@ -67,7 +72,7 @@ def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
     return out
 
 
-def make_windows(users: np.ndarray, items_column, max_history: int) -> dict[str, np.ndarray]:
+def make_windows(users: np.ndarray, items_column, max_history: int, holdout: int = 0) -> dict[str, np.ndarray]:
     """Training windows with a target at every position (SASRec's original objective).
 
     The training part of a sequence (all but the last two items, ``m`` items) is cut from the
@@ -78,7 +83,7 @@ def make_windows(users: np.ndarray, items_column, max_history: int) -> dict[str,
     """
     values, offsets = _flat(items_column)
     starts, lengths = offsets[:-1], np.diff(offsets)
-    m = lengths - 2
+    m = lengths - 2 - holdout  # ``holdout``: the last training targets left out (see target_positions)
     n_win = np.maximum(np.ceil((m - 1) / max_history).astype(np.int64), 0)
     rows = np.repeat(np.arange(len(starts)), n_win)
     j = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)
@@ -94,18 +99,28 @@ def make_windows(users: np.ndarray, items_column, max_history: int) -> dict[str,
             "target": target_seq[:, -1].copy()}
 
 
-def window_count(lengths: np.ndarray, max_history: int) -> int:
-    m = lengths - 2
+def window_count(lengths: np.ndarray, max_history: int, holdout: int = 0) -> int:
+    m = lengths - 2 - holdout
     return int(np.maximum(np.ceil((m - 1) / max_history), 0).sum())
 
 
 def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0,
-                  windows: bool = False) -> dict[str, np.ndarray]:
+                  windows: bool = False, max_user: int = 0, holdout: int = 0, rank: int = 0,
+                  world: int = 1) -> dict[str, np.ndarray]:
     """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point.
 
     ``windows=True`` (train split only): :func:`make_windows` instead of prefix samples.
+    ``max_user > 0``: only users ``1..max_user`` (smoke runs on a few users). ``world > 1``: only
+    the users with ``user % world == rank`` (a training worker's deterministic share).
+    ``holdout``: see :func:`target_positions` (train split only).
     """
+    import pyarrow.compute as pc
+    if max_user > 0:
+        batch = batch.filter(pc.less_equal(batch.column("user"), max_user))
+    if world > 1:
+        batch = batch.filter(pa.array(batch.column("user").to_numpy() % world == rank))
+    holdout = holdout if split == "train" else 0
     if windows and split == "train":
-        return make_windows(batch.column("user").to_numpy(), batch.column("items"), max_history)
+        return make_windows(batch.column("user").to_numpy(), batch.column("items"), max_history, holdout)
     return make_samples(batch.column("user").to_numpy(), batch.column("items"), split, max_history,
-                        targets_per_user)
+                        targets_per_user, holdout)

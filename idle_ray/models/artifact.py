@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from idle_ray.build_once import mark_complete
 from idle_ray.models.registry import build_id_model
 
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ def save_id_artifact(model: nn.Module, path: str | Path, *, name: str, kwargs: d
                 "num_items": int(model.num_items), "vocab_fingerprint": vocab_fingerprint,
                 "data_fingerprint": data_fingerprint, **(extra or {})}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+        mark_complete(tmp)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.rename(final, old)

@@ -95,7 +95,16 @@ def adapter_model(cfg: ExperimentConfig, backbone, id_model: nn.Module) -> nn.Mo
     return IDLEModel(backbone, id_model, variant=a.variant, prompt_length=a.prompt_length,
                      projection_width=a.projection_width, refine_layers=refine_layer_ids(a.refine_layers),
                      refine_width=a.refine_bottleneck, mmd_weight=a.mmd_weight,
-                     mmd_max_text_states=a.mmd_max_text_states, kv_split=kv_split(cfg))
+                     mmd_max_text_states=a.mmd_max_text_states, kv_split=kv_split(cfg), fusion=a.fusion)
+
+
+def prepare_backbone(cfg: ExperimentConfig, log=print) -> None:
+    """Build the backbone's local cache (de-quantised SmolLM2) here, once, before workers start:
+    workers on this node then only read it; workers on other nodes build it once per node under
+    the same lock (:mod:`idle_ray.build_once`)."""
+    from idle_ray.llm.backbone import ensure_backbone_cache
+    if cfg.adapter.variant != "id_only":
+        ensure_backbone_cache(cfg.llm.backbone, cfg.llm.cache_dir or None, log=log)
 
 
 def kv_split(cfg: ExperimentConfig) -> bool:

@@ -8,6 +8,8 @@ the model's ``is_trainable`` predicate selects are passed as ``model_parameters`
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -43,10 +45,24 @@ def deepspeed_config(*, micro_batch_size: int, zero_stage: int, bf16: bool = Fal
     return cfg
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then constant or cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def build_engine(model: nn.Module, trainable: list[nn.Parameter], *, micro_batch_size: int, zero_stage: int,
                  lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, bf16: bool = False,
-                 offload_optimizer: bool = False, grad_clip: float = 1.0):
-    """``(engine, optimizer, scheduler)``; torch.distributed must already be initialised."""
+                 offload_optimizer: bool = False, grad_clip: float = 1.0, total_steps: int = 0,
+                 schedule: str = "constant"):
+    """``(engine, optimizer, scheduler)``; torch.distributed must already be initialised.
+
+    The lr follows :func:`lr_factor` (``total_steps``: the run's optimiser steps, for the cosine)."""
     import deepspeed
 
     cfg = deepspeed_config(micro_batch_size=micro_batch_size, zero_stage=zero_stage, bf16=bf16,
@@ -54,8 +70,10 @@ def build_engine(model: nn.Module, trainable: list[nn.Parameter], *, micro_batch
                            grad_clip=grad_clip)
     optimizer = None if offload_optimizer else torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     scheduler = None
-    if warmup_steps > 0 and optimizer is not None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
+    if (warmup_steps > 0 or schedule != "constant") and optimizer is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                                         schedule=schedule))
     engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
                                                  lr_scheduler=scheduler, config=cfg,
                                                  dist_init_required=False)

@@ -13,8 +13,9 @@ from pathlib import Path
 import ray
 
 from idle_ray.config import ConfigError, ExperimentConfig, to_dict
-from idle_ray.data.pipeline import split_datasets
+from idle_ray.data.pipeline import split_dataset
 from idle_ray.data.prepare import PreparedDataset
+from idle_ray.train import builders
 from idle_ray.train import storage as run_storage
 from idle_ray.train.worker import CKPT_META, CKPT_WEIGHTS, train_fn_per_worker
 
@@ -52,6 +53,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ingest_options():
+    """Ray Data options of the training ingest: Train's defaults plus order preservation (the seeded
+    shuffle then gives the same stream every run)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def check_storage(storage_path: str, num_workers: int) -> str:
     """Local folders are made absolute; a node-local path cannot serve a multi-node run; a URI
     (``s3://``, ``gs://``) must be writable now (:func:`idle_ray.train.storage.check_uri`)."""
@@ -81,26 +90,32 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     workers = cfg.pretrain.num_workers if pre else cfg.train.num_workers
     cpus = cfg.pretrain.cpus_per_worker if pre else cfg.train.cpus_per_worker
     storage = check_storage(cfg.train.storage_path, workers)
+    if not pre:
+        builders.prepare_backbone(cfg)
     stage = None if pre or cfg.adapter.variant == "id_only" else (encode_prompts, prompt_stage_kwargs(cfg, prepared))
     d = cfg.data
-    datasets = {
-        "train": split_datasets(prepared, d.max_history, d.train_targets_per_user, splits=("train",),
-                                extra_stage=stage, windows=pre and cfg.pretrain.sample_mode == "window")["train"],
-        "valid": split_datasets(prepared, d.max_history, splits=("valid",), extra_stage=stage)["valid"],
-    }
+    # One training dataset per rank (users with user % world == rank), globally shuffled with a seed
+    # and read in order: the same samples reach the same rank in the same order in every run.
+    windows = pre and cfg.pretrain.sample_mode == "window"
+    datasets = {f"train_{rank}": split_dataset(
+        prepared, "train", d.max_history, 0 if pre else d.train_targets_per_user, extra_stage=stage,
+        windows=windows, seed=cfg.seed, holdout=cfg.pretrain.holdout_targets if pre else 0, rank=rank,
+        world=workers) for rank in range(workers)}
+    datasets["valid"] = split_dataset(prepared, "valid", d.max_history, extra_stage=stage)
     run_dir = run_storage.join(storage, run_name)  # a folder or a URI: the worker reads both
+    threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers)
     loop_config = {"experiment": to_dict(cfg), "task": task, "prepared": str(prepared.path),
                    "id_artifact": str(id_artifact) if id_artifact else None, "run_dir": run_dir,
                    "fail_at_step": fail_at_step,
-                   # intra-op threads: the node's cores shared by its workers (Ray Data work is light)
-                   "torch_threads": max(1, (os.cpu_count() or 1) // workers)}
+                   # intra-op threads: the config's, else the node's cores shared by its workers
+                   "torch_threads": threads}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu and not pre,
                                      resources_per_worker={"CPU": cpus}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options()),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -24,7 +24,7 @@ from idle_ray.train.worker import CKPT_WEIGHTS
 BEST_WEIGHTS = "best_" + CKPT_WEIGHTS
 # Config fields that define a trained adapter: evaluating its weights under other values is an error.
 ADAPTER_FIELDS = ("adapter.variant", "adapter.prompt_length", "adapter.projection_width", "adapter.refine_layers",
-                  "adapter.refine_bottleneck", "llm.backbone", "prompt.template", "id_model.name",
+                  "adapter.refine_bottleneck", "adapter.fusion", "llm.backbone", "prompt.template", "id_model.name",
                   "id_model.hidden_size")
 
 

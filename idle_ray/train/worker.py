@@ -72,7 +72,10 @@ class RayContext:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
     def batches(self, split: str, batch_size: int, seed: int | None = None):
-        shard = self.train.get_dataset_shard(split)
+        # Training: this rank's own dataset (users with user % world == rank, globally shuffled with a
+        # fixed seed; see launch.run_training), so the stream is the same in every run.
+        name = f"{split}_{self.rank}" if split == "train" else split
+        shard = self.train.get_dataset_shard(name)
         kw = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
         yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kw)
 
@@ -87,22 +90,26 @@ class RayContext:
 class LocalContext:
     """World size 1, no Ray: the same samples from the local shards (and the same tokenisation)."""
 
-    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path, windows: bool = False):
+    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path, windows: bool = False,
+                 holdout: int = 0, targets: int = 0):
         self.rank, self.world = 0, 1
-        self.windows = windows
+        self.windows, self.holdout, self.targets = windows, holdout, targets
         self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir
 
     def batches(self, split: str, batch_size: int, seed: int | None = None):
         from idle_ray.data.pipeline import local_numpy_reader
         d = self.cfg.data
-        targets = d.train_targets_per_user if split == "train" else 0
-        for block in local_numpy_reader(self.prepared, split, d.max_history, targets, windows=self.windows):
-            n = len(block["target"])
-            order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)
-            for lo in range(0, n, batch_size):
-                idx = order[lo:lo + batch_size]
-                b = {k: v[idx] for k, v in block.items()}
-                yield self.stage(b) if self.stage else b
+        targets = self.targets if split == "train" else 0
+        holdout = self.holdout if split == "train" else 0
+        blocks = list(local_numpy_reader(self.prepared, split, d.max_history, targets, windows=self.windows,
+                                         holdout=holdout))
+        block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]} if blocks else {}
+        n = len(block.get("target", ()))
+        order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)  # global shuffle
+        for lo in range(0, n, batch_size):
+            idx = order[lo:lo + batch_size]
+            b = {k: v[idx] for k, v in block.items()}
+            yield self.stage(b) if self.stage else b
 
     def get_checkpoint(self):
         return None
@@ -238,7 +245,7 @@ PRECISIONS = ("fp32", "bf16", "bf16-frozen")
 
 
 def make_engine(model, cfg: ExperimentConfig, device: torch.device, pretrain: bool, batch_size: int,
-                zero_stage: int | None = None, precision: str | None = None):
+                zero_stage: int | None = None, precision: str | None = None, total_steps: int = 0):
     """The loop's DeepSpeed engine over the trainable parameters (``model.is_trainable``).
 
     ``precision``: ``"fp32"``; ``"bf16"`` — DeepSpeed's bf16 mode (it casts the whole module to
@@ -266,8 +273,35 @@ def make_engine(model, cfg: ExperimentConfig, device: torch.device, pretrain: bo
     engine, _, _ = build_engine(
         model, trainable, micro_batch_size=batch_size, zero_stage=zero_stage,
         lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=0 if pretrain else cfg.train.warmup_steps,
-        bf16=precision == "bf16", offload_optimizer=False if pretrain else cfg.train.offload_optimizer)
+        bf16=precision == "bf16", offload_optimizer=False if pretrain else cfg.train.offload_optimizer,
+        total_steps=total_steps, schedule="constant" if pretrain else cfg.train.lr_schedule)
     return engine
+
+
+def train_rows(cfg: ExperimentConfig, prepared, pretrain: bool, rank: int = 0, world: int = 1) -> int:
+    """Training samples of rank ``rank``'s share (users ``user % world == rank``)."""
+    from idle_ray.data.pipeline import sample_count
+    windows = pretrain and cfg.pretrain.sample_mode == "window"
+    return sample_count(prepared, "train", cfg.data.max_history, 0 if pretrain else cfg.data.train_targets_per_user,
+                        windows=windows, holdout=cfg.pretrain.holdout_targets if pretrain else 0,
+                        rank=rank, world=world)
+
+
+def in_step(batches, world: int, device):
+    """Batches while *every* rank still has one: ranks' shares differ by a few samples, and a rank
+    that stepped alone would wait forever in the gradient collective. One tiny all-reduce a step."""
+    import torch.distributed as dist
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if world > 1:
+            flag = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if not int(flag.item()):
+                return
+        elif batch is None:
+            return
+        yield batch
 
 
 def train_step(engine, batch: dict, device: torch.device) -> dict:
@@ -287,10 +321,14 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     tr = cfg.train
     device = worker_device(cfg)
     batch_size = hp.batch_size if not pretrain else max(1, hp.batch_size // ctx.world)
-    engine = make_engine(model, cfg, device, pretrain, batch_size)
-
     epochs = hp.epochs
-    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    steps_per_epoch = math.ceil(min(train_rows(cfg, prepared, pretrain, r, ctx.world) for r in range(ctx.world))
+                                / batch_size)  # every rank stops when the smallest share is used up
+    total_steps = steps_per_epoch * epochs if not tr.max_steps else min(tr.max_steps, steps_per_epoch * epochs)
+    engine = make_engine(model, cfg, device, pretrain, batch_size, total_steps=total_steps)
+
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
+             "history": []}
     best_keep = os.path.join(tempfile.mkdtemp(prefix="idle_ray_best_"), "best_" + CKPT_WEIGHTS)
     restored = _try_restore(engine, ctx, config.get("run_dir"), best_keep)
     from idle_ray.train.weights import weights_metadata  # (imports this module)
@@ -300,11 +338,19 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         if ctx.rank == 0:
             print(f"[train] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
 
-    from idle_ray.data.pipeline import sample_count
-    split_rows = sample_count(prepared, "train", cfg.data.max_history, cfg.data.train_targets_per_user,
-                              windows=pretrain and cfg.pretrain.sample_mode == "window")
-    steps_per_epoch = math.ceil(split_rows / (batch_size * ctx.world))
-    total_steps = steps_per_epoch * epochs if not tr.max_steps else min(tr.max_steps, steps_per_epoch * epochs)
+    if not restored and not pretrain and tr.validate_at_start:
+        # Validation before the first update: with score fusion this is the ID model's own ranking,
+        # which selection keeps when training does not beat it on validation.
+        val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
+                             max_users=tr.eval_max_users)
+        state.update(best=val.get("ndcg@10", 0.0), best_epoch=0, best_step=0)
+        state["history"].append({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}})
+        initial = _trainable_state(engine, model)  # collective under ZeRO-3: every rank
+        if ctx.rank == 0:
+            from safetensors.torch import save_file
+            save_file(initial, best_keep, metadata=weights_meta)
+            print(f"[eval] epoch 0 (before training) val ndcg@10 {state['best']:.4f} hr@10 "
+                  f"{val.get('hr@10', 0):.4f}", flush=True)
     tb = None
     if ctx.rank == 0 and config.get("run_dir"):
         from tensorboardX import SummaryWriter
@@ -320,7 +366,8 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         model.train()
         acc = {}
         t_log, n_log = time.perf_counter(), 0
-        for batch in ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]):
+        for batch in in_step(ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]), ctx.world,
+                             device):
             out = train_step(engine, batch, device)
             state["step"] += 1
             n = len(batch["target"])
@@ -367,11 +414,12 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         score = val.get("ndcg@10", 0.0)
         improved = score > state["best"]
         if improved:
-            state.update(best=score, best_epoch=state["epoch"], bad_epochs=0)
+            state.update(best=score, best_epoch=state["epoch"], best_step=state["step"], bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         metrics = {"epoch": state["epoch"], "step": state["step"], **{f"val_{k}": v for k, v in val.items()},
-                   "best_val_ndcg@10": state["best"], "samples_per_s": samples_seen * ctx.world /
+                   "best_val_ndcg@10": state["best"], "best_step": state["best_step"],
+                   "torch_threads": torch.get_num_threads(), "samples_per_s": samples_seen * ctx.world /
                    max(time.perf_counter() - t_start, 1e-9)}
         state["history"].append({k: v for k, v in metrics.items()})
         if tb:
@@ -397,7 +445,7 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         tb.close()
         tb_dir.sync()
     out = {"epoch": state["epoch"], "step": state["step"], "best_val_ndcg@10": state["best"],
-           "best_epoch": state["best_epoch"]}
+           "best_epoch": state["best_epoch"], "best_step": state.get("best_step", -1)}
     if timed and "t1" in timed:  # this run's training steps (data feed included; evaluation excluded)
         seconds = timed["t1"] - timed["t0"]
         out.update(train_samples_per_s=timed["samples"] / seconds, train_tokens_per_s=timed["tokens"] / seconds)
@@ -436,5 +484,8 @@ def run_standalone(config: dict) -> dict:
     out = Path(config.get("run_dir") or tempfile.mkdtemp(prefix="idle_ray_standalone_"))
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, "run_dir": str(out)}
-    windows = config["task"] == "pretrain" and cfg.pretrain.sample_mode == "window"
-    return _loop(config, LocalContext(prepared, cfg, stage, out, windows), cfg, prepared, model)
+    pretrain = config["task"] == "pretrain"
+    windows = pretrain and cfg.pretrain.sample_mode == "window"
+    holdout = cfg.pretrain.holdout_targets if pretrain else 0
+    targets = 0 if pretrain else cfg.data.train_targets_per_user
+    return _loop(config, LocalContext(prepared, cfg, stage, out, windows, holdout, targets), cfg, prepared, model)

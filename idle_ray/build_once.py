@@ -1,0 +1,143 @@
+"""Build-once folders (house rule 14): one builder under a file lock, verified, then renamed into place.
+
+Anything several processes may create — the de-quantised LLM cache, a prepared dataset, an
+exported ID model — goes through :func:`build_once`:
+
+1. a complete entry (:func:`is_complete`) is returned at once, without taking the lock;
+2. otherwise the builder takes ``<parent>/.<name>.lock`` (``filelock``: an ``fcntl`` lock, so it
+   also serialises processes of other jobs on the same node, and on NFS mounts that honour POSIX
+   locks); a process that has to wait says so in one line;
+3. under the lock it looks again (another process may have finished meanwhile); an entry that is
+   there but incomplete (a crash, a rename by an older version, a deleted file) is reported in one
+   line and removed;
+4. ``build(tmp)`` writes into a fresh temp folder beside the final one, ``verify(tmp)`` loads it
+   back (raises if anything is missing or unreadable), the list of files with their sizes is
+   written as :data:`COMPLETE_MARKER`, and one ``os.rename`` puts the folder in place.
+
+A reader that finds an entry checks the marker against the files (names and sizes), so a folder
+that lost a file later is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+COMPLETE_MARKER = ".complete.json"
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE_MARKER}
+
+
+def why_incomplete(folder: str | Path) -> str | None:
+    """``None`` when ``folder`` is a complete build-once entry, else the reason in a few words."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} (an interrupted or foreign build)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE_MARKER}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} expected"
+    return None
+
+
+def is_complete(folder: str | Path) -> bool:
+    return why_incomplete(folder) is None
+
+
+def mark_complete(folder: str | Path, info: dict | None = None) -> None:
+    """Record the files of a finished folder (called on the temp folder, before the rename)."""
+    folder = Path(folder)
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"files": _listing(folder), **(info or {})}, indent=1))
+
+
+def lock_path(final: str | Path) -> Path:
+    final = Path(final)
+    return final.parent / f".{final.name}.lock"
+
+
+class BuildLock:
+    """The lock that serialises builders of ``final`` (re-entrant within a process).
+
+    ``with BuildLock(final, what, log):`` — logs one line when another process holds it.
+    """
+
+    def __init__(self, final: str | Path, what: str, log: Callable[[str], None] = print):
+        from filelock import FileLock
+
+        self.final, self.what, self.log = Path(final), what, log
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(lock_path(self.final)))
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            self.log(f"[{self.what}] another process is building {self.final}; waiting for its lock "
+                     f"{lock_path(self.final)}")
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def remove_incomplete(final: Path, reason: str, what: str, log: Callable[[str], None]) -> None:
+    """Move an incomplete entry out of the way (rename first: never delete what others may read)."""
+    log(f"[{what}] {final} is incomplete ({reason}); rebuilding it")
+    aside = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
+    os.rename(final, aside / "entry")
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def build_once(final: str | Path, build: Callable[[Path], None], verify: Callable[[Path], None] | None = None,
+               *, what: str, log: Callable[[str], None] = print, info: dict | None = None) -> Path:
+    """Return ``final``, building it first if it is not a complete entry (see module docstring).
+
+    ``build(tmp)`` fills the temp folder; ``verify(tmp)`` raises if the result is not usable.
+    ``info`` is stored in the marker (e.g. what it was built from).
+    """
+    final = Path(final)
+    if is_complete(final):
+        return final
+    with BuildLock(final, what, log):
+        return build_locked(final, build, verify, what=what, log=log, info=info)
+
+
+def build_locked(final: str | Path, build: Callable[[Path], None], verify: Callable[[Path], None] | None = None,
+                 *, what: str, log: Callable[[str], None] = print, info: dict | None = None) -> Path:
+    """:func:`build_once` for a caller that already holds ``BuildLock(final)`` (a lock is not
+    taken twice: ``flock`` on a second descriptor would wait for ourselves)."""
+    final = Path(final)
+    reason = why_incomplete(final)
+    if reason is None:  # another process finished it while we waited
+        return final
+    if final.exists() or final.is_symlink():
+        remove_incomplete(final, reason, what, log)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        if verify is not None:
+            verify(tmp)
+        mark_complete(tmp, info)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
