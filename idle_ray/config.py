@@ -126,8 +126,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps.", min=0)
     lr_schedule: str = _f("cosine", "After warm-up: 'cosine' decay to 0 over the run's steps, or 'constant'.",
                           choices=("cosine", "constant"))
-    validate_at_start: bool = _f(True, "Adapters: validate before the first update too (epoch 0), so selection "
-                                 "can keep the starting point (with score fusion: the ID model's ranking).")
+    validate_at_start: bool = _f(True, "Score-fused adapters: validate before the first update too (epoch 0), "
+                                 "so selection can keep the starting point, the ID model's own ranking.")
     torch_threads: int = _f(0, "Intra-op threads per worker (0: the node's cores / workers). Fixed thread "
                             "counts make runs bit-reproducible; recorded in every result.", min=0)
     num_workers: int = _f(2, "Ray Train workers.", min=1)

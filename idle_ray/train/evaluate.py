@@ -91,8 +91,13 @@ def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, ki
     if len(np.unique(users)) != len(users) or len(users) != expected:
         raise RuntimeError(f"evaluation saw {len(users)} rows for {len(np.unique(users))} users; expected "
                            f"{expected} users once each")
-    out = {p: finalize(metric_sums(np.concatenate(collected[p]))) for p in protocols}
+    order = np.argsort(users)
+    ranks = {p: np.concatenate(collected[p])[order] for p in protocols}
+    out = {p: finalize(metric_sums(ranks[p])) for p in protocols}
     out["users"] = int(len(users))
+    # per-user 0-based ranks (sorted by dense user id): tables and paired intervals are recomputed
+    # from these without re-running anything
+    out["per_user"] = {"user": users[order].tolist(), **{p: ranks[p].astype(int).tolist() for p in protocols}}
     return out
 
 

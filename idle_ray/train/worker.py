@@ -338,7 +338,7 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
         if ctx.rank == 0:
             print(f"[train] resumed at epoch {state['epoch']}, step {state['step']}", flush=True)
 
-    if not restored and not pretrain and tr.validate_at_start:
+    if not restored and not pretrain and tr.validate_at_start and getattr(model, "fusion", "none") == "residual":
         # Validation before the first update: with score fusion this is the ID model's own ranking,
         # which selection keeps when training does not beat it on validation.
         val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
