@@ -12,7 +12,7 @@ import os
 import numpy as np
 import ray
 
-from idle_ray.config import ExperimentConfig, to_dict
+from idle_ray.config import ExperimentConfig, experiment_from_dict, to_dict
 from idle_ray.data.pipeline import split_dataset
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.eval.metrics import finalize, metric_sums
@@ -27,7 +27,6 @@ class Scorer:
 
         from idle_ray.data.prepare import load_prepared
         from idle_ray.train import builders
-        from idle_ray.train.worker import experiment_from_dict
         torch.set_num_threads(threads)
         cfg = experiment_from_dict(experiment)
         ds = load_prepared(prepared)
