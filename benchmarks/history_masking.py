@@ -66,7 +66,7 @@ def main(argv=None):
             label = "masked (ours)" if rule == "masked" else "rankable (RecBole)"
             print(f"| {split} | {label} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
     if args.json:
-        from idle_ray.train.report import write_json
+        from idle_ray.results.files import write_json
         write_json(args.json, {"artifact": artifact, "model": meta["name"],
                                "dataset": prepared.manifest["dataset"], **out})
 

@@ -197,7 +197,7 @@ def main(argv=None):
         print(f"| {name} | {wall:.3f} | {wall * steps_per_epoch:.0f} | {cpu:.3f} | {wall / base_wall:.2f} | "
               f"{cpu / base_cpu:.2f} |")
     if args.json:
-        from idle_ray.train.report import write_json
+        from idle_ray.results.files import write_json
         write_json(args.json, {"dataset": prepared.manifest["dataset"], "batch": args.batch, "threads": args.threads,
                                "steps_timed": steps, "repeats": args.repeats, "steps_per_epoch": steps_per_epoch,
                                "load_before": load_before, "load_after": load_after,
