@@ -6,7 +6,7 @@ Our protocol ranks the target among all items *except the user's earlier items*;
 masks nothing for sequential models (only the padding item), so a model is also "charged" for
 scoring items the user has already seen. This prints the same artifact's valid and test metrics
 under both rules (ties pessimistic in both), so that our figures can be set beside RecBole's
-(``benchmarks/recbole_reference.py``: its ``test_pessimistic`` is RecBole's unmasked rule with
+(``benchmarks/recbole/reference.py``: its ``test_pessimistic`` is RecBole's unmasked rule with
 our tie rule). Single process, no Ray: it reads the prepared shards directly.
 
 ``--artifact`` defaults to the folder ``jobs/pretrain.py`` exports for the config.
@@ -66,7 +66,7 @@ def main(argv=None):
             label = "masked (ours)" if rule == "masked" else "rankable (RecBole)"
             print(f"| {split} | {label} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
     if args.json:
-        from idle_ray.train.report import write_json
+        from idle_ray.results.files import write_json
         write_json(args.json, {"artifact": artifact, "model": meta["name"],
                                "dataset": prepared.manifest["dataset"], **out})
 

@@ -11,7 +11,7 @@ no weight decay, fp32, ``torch.set_num_threads(--threads)``.
 What is timed: one optimisation step from a batch of host tensors -- forward, full-softmax
 cross-entropy, backward, optimizer step. Ours is the pre-training job's own step
 (``worker.train_step`` on the job's DeepSpeed engine, ZeRO-0); RecBole's is its own
-``Trainer._train_epoch`` (run by ``benchmarks/recbole_reference.py --batches --interleave`` under
+``Trainer._train_epoch`` (run by ``benchmarks/recbole/reference.py --batches --interleave`` under
 ``.venv-recbole``, in a second process). Neither side's data loading is timed: both get the same
 ``--steps`` batches, drawn from one seeded shuffle of the whole training split (ours
 left-padded, RecBole's the same rows right-padded with its own item ids). One untimed warm-up
@@ -94,13 +94,13 @@ def our_pass(cfg, prepared, batches: list[dict]):
 
 
 class RecBolePasses:
-    """``recbole_reference.py --batches NPZ --interleave`` in a second process: ``run()`` times
+    """``recbole/reference.py --batches NPZ --interleave`` in a second process: ``run()`` times
     one pass there and returns (wall s, CPU s)."""
 
     def __init__(self, python: str, prepared, npz: Path, repeats: int, threads: int, seed: int):
         workdir = Path(tempfile.mkdtemp(prefix="sasrec_speed_"))
         self.out, self.log = workdir / "recbole.json", open(workdir / "recbole.log", "w+")
-        cmd = [python, str(REPO / "benchmarks" / "recbole_reference.py"), "--prepared", str(prepared.path),
+        cmd = [python, str(REPO / "benchmarks" / "recbole" / "reference.py"), "--prepared", str(prepared.path),
                "--model", "SASRec", "--seed", str(seed), "--batches", str(npz), "--time-epochs", str(repeats),
                "--interleave", "--threads", str(threads), "--out", str(self.out)]
         print("[recbole]", " ".join(cmd), flush=True)
@@ -197,7 +197,7 @@ def main(argv=None):
         print(f"| {name} | {wall:.3f} | {wall * steps_per_epoch:.0f} | {cpu:.3f} | {wall / base_wall:.2f} | "
               f"{cpu / base_cpu:.2f} |")
     if args.json:
-        from idle_ray.train.report import write_json
+        from idle_ray.results.files import write_json
         write_json(args.json, {"dataset": prepared.manifest["dataset"], "batch": args.batch, "threads": args.threads,
                                "steps_timed": steps, "repeats": args.repeats, "steps_per_epoch": steps_per_epoch,
                                "load_before": load_before, "load_after": load_after,

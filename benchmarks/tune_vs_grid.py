@@ -27,9 +27,9 @@ sys.path.insert(0, ROOT)
 def run(config: str, sets: list[str], grid: bool) -> dict:
     """One ``jobs/tune.py`` experiment; returns its summary (``test_results.json``)."""
     from idle_ray.config import load_config
-    from idle_ray.train.report import read_json_in
+    from idle_ray.train.storage import read_json_in
+    from idle_ray.tune.experiment import experiment_location
     from idle_ray.tune.search import TEST_RESULTS_FILE
-    from jobs.tune import experiment_location
 
     cmd = [sys.executable, os.path.join(ROOT, "jobs/tune.py"), "--config", config, "--no-test"]
     cmd += ["--grid"] if grid else []
@@ -74,7 +74,7 @@ def main(argv=None):
           f"(target >= 0.98: {'met' if ok_best else 'NOT met'}), trial-time {time_ratio:.3f} "
           f"(target <= 0.333: {'met' if ok_time else 'NOT met'}), trial-epochs {epoch_ratio:.3f}")
     if args.json:
-        from idle_ray.train.report import write_json
+        from idle_ray.results.files import write_json
         write_json(args.json, {"rows": rows, "best_ratio": best_ratio, "time_ratio": time_ratio,
                                "epoch_ratio": epoch_ratio,
                                "grid_experiment": grid["experiment"],

@@ -328,6 +328,11 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def experiment_from_dict(d: dict, source: str = "<worker config>") -> ExperimentConfig:
+    """The inverse of :func:`to_dict` for an :class:`ExperimentConfig` (how configs travel to workers)."""
+    return _build(ExperimentConfig, d, "", source)
+
+
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result."""
     blob = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=True, default=str).encode()

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from idle_ray import cli  # noqa: E402
-from idle_ray.config import ConfigError, config_hash  # noqa: E402
 
 
 def main(argv=None):
@@ -37,41 +35,15 @@ def main(argv=None):
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--output", default="", help="write the result JSON here")
     args, cfg = cli.parse(p, argv)
-    if args.kind == "id_model" and (args.weights or args.run):
-        cli.fail(ConfigError("--weights and --run name adapter weights; --kind id_model evaluates the artifact "
-                             "of id_model.artifact (or of this config's pre-training run)"))
-    from idle_ray.models.artifact import ArtifactError, load_id_artifact
-    from idle_ray.train import builders
-    from idle_ray.train.evaluate import evaluate, evaluate_adapter
-    from idle_ray.train.launch import ensure_ray
-    from idle_ray.train.report import write_json
-    from idle_ray.train.weights import check_adapter_weights, run_best_weights
-    from jobs.train import run_name
+    from idle_ray.models.artifact import ArtifactError
+    from idle_ray.results.files import write_json
+    from idle_ray.train.runs import evaluate_saved
 
-    prepared = builders.prepare_from_config(cfg)
-    artifact = str(builders.id_artifact_dir(cfg, prepared))
-    record = {"kind": args.kind, "split": args.split, "seed": cfg.seed, "config_hash": config_hash(cfg),
-              "data_fingerprint": prepared.fingerprint, "id_artifact": artifact}
     try:
-        if args.kind == "adapter":
-            run = args.run or ("" if args.weights else run_name(cfg))
-            weights = args.weights or run_best_weights(cfg.train.storage_path, run)
-            check_adapter_weights(weights, cfg, prepared, artifact)
-            record.update(variant=cfg.adapter.variant, backbone=cfg.llm.backbone, run=run, weights=weights)
-        load_id_artifact(artifact, prepared.manifest["vocab_fingerprint"])  # exists, same item ids
+        record, label, prepared = evaluate_saved(cfg, args.kind, args.split, args.weights, args.run)
     except ArtifactError as e:
         cli.fail(e)
-
-    ensure_ray()
-    t0 = time.time()
-    if args.kind == "id_model":
-        metrics = evaluate(cfg, prepared, args.split, kind="id_model", id_artifact=artifact)
-        label = os.path.basename(artifact)
-    else:
-        metrics = evaluate_adapter(cfg, prepared, args.split, weights, artifact)
-        label = run or f"{cfg.name}-{cfg.adapter.variant}"
-    record.update({args.split: metrics, "seconds": round(time.time() - t0, 1)})
-
+    metrics = record[args.split]
     what = cfg.id_model.name if args.kind == "id_model" else cfg.adapter.variant
     for protocol in cfg.eval.protocols:
         print(f"\n{what} on {prepared.manifest['dataset']} (seed {cfg.seed}), {args.split}, {protocol} ranking, "

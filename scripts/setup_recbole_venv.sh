@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-recbole/ (gitignored) in the repo root: an isolated environment
 # holding RecBole 1.2.1, the reference implementation that
-# benchmarks/recbole_reference.py runs under.  It is separate from .venv/
+# benchmarks/recbole/reference.py runs under.  It is separate from .venv/
 # because RecBole 1.2.1 needs numpy<2 while idle_ray needs numpy 2.
 #
 # Usage:   bash scripts/setup_recbole_venv.sh [--force]
@@ -34,22 +34,22 @@ VENV="${REPO_ROOT}/.venv-recbole"
 PY="${VENV}/bin/python"
 PYTHON3="${PYTHON3:-python3}"
 
-TORCH_PIN="torch==2.13.0"
-RECBOLE_PIN="recbole==1.2.1"
-RUNTIME_PINS=(
-    "numpy==1.26.4"
-    "pandas==2.1.4"
-    "scipy==1.11.4"
-    "scikit-learn==1.3.2"
-    "pyyaml==6.0.2"
-    "tqdm==4.67.1"
-    "texttable==1.7.0"
-    "colorlog==4.7.2"
-    "colorama==0.4.4"
-    "tensorboard==2.16.2"
-    "pyarrow==17.0.0"   # only to read our prepared parquet files (not a RecBole need)
-)
-
+# The pins live in benchmarks/recbole/requirements.txt: torch, recbole, then the runtime set.
+REQUIREMENTS="${REPO_ROOT}/benchmarks/recbole/requirements.txt"
+TORCH_PIN=""
+RECBOLE_PIN=""
+RUNTIME_PINS=()
+while read -r pin; do
+    case "${pin}" in
+        torch==*) TORCH_PIN="${pin}" ;;
+        recbole==*) RECBOLE_PIN="${pin}" ;;
+        *) RUNTIME_PINS+=("${pin}") ;;
+    esac
+done < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "${REQUIREMENTS}")
+if [[ -z "${TORCH_PIN}" || -z "${RECBOLE_PIN}" ]]; then
+    echo "[setup_recbole_venv] ERROR: ${REQUIREMENTS} must pin torch and recbole" >&2
+    exit 1
+fi
 FORCE=0
 if [[ "${1:-}" == "--force" ]]; then FORCE=1; fi
 

@@ -5,8 +5,8 @@ DeepSpeed, test once) makes the inputs; then ``jobs/evaluate.py``
 
 * on the run by name reproduces the training job's test metrics exactly (same weights, same protocol);
 * on the ID-model artifact's validation split reproduces the validation score pre-training selected it by;
-* refuses bad input before any model or Ray starts, with exit code 2 and one line naming the file and the
-  fix: a missing file, a file that is not safetensors, pre-training weights, weights from another config,
+* refuses bad input before any model or Ray starts (``idle_ray.train.runs.evaluation_inputs``; the job
+  exits with code 2 and one line) naming the file and the fix: a missing file, a file that is not safetensors, pre-training weights, weights from another config,
   from another item vocabulary, and a foreign file without idle_ray metadata.
 """
 from __future__ import annotations
@@ -33,13 +33,15 @@ def trained(tmp_path_factory):
     return work, config, json.loads((work / "train.json").read_text())
 
 
-def evaluate_cli(argv, capsys) -> tuple[int, str]:
-    """jobs/evaluate.py in this process (bad input never reaches Ray): (exit code, stderr)."""
-    from idle_ray import cli
-    from jobs.evaluate import main
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(main, [str(a) for a in argv])
-    return e.value.code, capsys.readouterr().err
+def evaluate_inputs(config, *sets, **kw) -> str:
+    """The evaluate job's checks (``idle_ray.train.runs.evaluation_inputs``, no model or Ray): the
+    error message they raise."""
+    from idle_ray.config import ConfigError, load_config
+    from idle_ray.models.artifact import ArtifactError
+    from idle_ray.train.runs import evaluation_inputs
+    with pytest.raises((ConfigError, ArtifactError)) as e:
+        evaluation_inputs(load_config(str(config), list(sets)), **{k: str(v) for k, v in kw.items()})
+    return str(e.value)
 
 
 def test_evaluate_run_by_name_reproduces_the_train_jobs_test(trained):
@@ -69,37 +71,37 @@ def test_evaluate_id_model_on_valid_matches_pretraining_selection(trained):
     assert result["valid"]["full"]["ndcg@10"] == pytest.approx(artifact["best_val_ndcg@10"], abs=1e-9)
 
 
-def test_bad_weights_exit_2_naming_file_and_fix(trained, tmp_path, capsys):
+def test_bad_weights_exit_2_naming_file_and_fix(trained, tmp_path):
     work, config, record = trained
     best = Path(record["checkpoint"]) / "best_trainable.safetensors"
 
-    code, err = evaluate_cli(["--config", config, "--weights", tmp_path / "missing.safetensors"], capsys)
-    assert code == 2 and "missing.safetensors: weights file not found" in err and "Fix:" in err
+    # the job itself: exit code 2 and one line (the checks below run in this process)
+    r = run_job("evaluate.py", "--config", config, "--weights", tmp_path / "missing.safetensors", cwd=work, timeout=300)
+    assert r.returncode == 2 and "missing.safetensors: weights file not found" in r.stderr and "Fix:" in r.stderr
 
     (tmp_path / "junk.safetensors").write_text("not weights")
-    code, err = evaluate_cli(["--config", config, "--weights", tmp_path / "junk.safetensors"], capsys)
-    assert code == 2 and "junk.safetensors: not a safetensors weights file" in err
+    err = evaluate_inputs(config, weights=tmp_path / "junk.safetensors")
+    assert "junk.safetensors: not a safetensors weights file" in err
 
     pretrain_runs = sorted((work / "runs" / "sasrec").glob("checkpoint_*/best_trainable.safetensors"))
-    code, err = evaluate_cli(["--config", config, "--weights", pretrain_runs[-1]], capsys)
-    assert code == 2 and "these are pretrain weights" in err and "id_model" in err
+    err = evaluate_inputs(config, weights=pretrain_runs[-1])
+    assert "these are pretrain weights" in err and "id_model" in err
 
-    code, err = evaluate_cli(["--config", config, "--weights", best, "--set", "adapter.prompt_length=3"], capsys)
-    assert code == 2 and str(best) in err and "trained with another config" in err
+    err = evaluate_inputs(config, "adapter.prompt_length=3", weights=best)
+    assert str(best) in err and "trained with another config" in err
     assert "adapter.prompt_length = 2 in the weights, 3 in the config" in err
     assert "--set adapter.prompt_length=2" in err
 
-    code, err = evaluate_cli(["--config", config, "--run", "no-such-run"], capsys)
-    assert code == 2 and "no such run" in err and record["run"] in err  # lists the runs that exist
+    err = evaluate_inputs(config, run="no-such-run")
+    assert "no such run" in err and record["run"] in err  # lists the runs that exist
 
     # another dataset (other items): the weights' vocabulary is checked before anything else
     inter, items = write_tiny_data(tmp_path / "other", n_items=25, seed=1)
-    code, err = evaluate_cli(["--config", config, "--weights", best, "--set", f"data.path={inter}",
-                              "--set", f"data.items_path={items}", "--set", f"data.output_dir={tmp_path / 'data'}"],
-                             capsys)
-    assert code == 2 and str(best) in err and "another item vocabulary" in err and "Fix:" in err
+    err = evaluate_inputs(config, f"data.path={inter}", f"data.items_path={items}",
+                          f"data.output_dir={tmp_path / 'data'}", weights=best)
+    assert str(best) in err and "another item vocabulary" in err and "Fix:" in err
 
     # a file without idle_ray metadata is loaded into the config's model to check it
     save_file({"adapter.head.proj.weight": torch.zeros(3, 3)}, str(tmp_path / "foreign.safetensors"))
-    code, err = evaluate_cli(["--config", config, "--weights", tmp_path / "foreign.safetensors"], capsys)
-    assert code == 2 and "foreign.safetensors: does not fit this config's adapter" in err
+    err = evaluate_inputs(config, weights=tmp_path / "foreign.safetensors")
+    assert "foreign.safetensors: does not fit this config's adapter" in err

@@ -95,6 +95,8 @@ def _worker_loads_smollm2(rank: int, cache_dir: str, port: int, out: str) -> Non
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)  # as inside a Ray Train worker
+    if rank == 0:
+        time.sleep(3)  # rank 1 builds: transformers' save_pretrained writes nothing there (the old bug)
     buf = io.StringIO()
     with redirect_stdout(buf):
         from idle_ray.llm.backbone import load_backbone
@@ -129,6 +131,7 @@ def test_smollm2_cache_two_workers_repair_planted_incomplete_cache(tmp_path):
     assert [r["layers"] for r in results] == [30, 30]
     logs = "".join(r["log"] for r in results)
     assert logs.count("is incomplete") == 1 and logs.count("de-quantising") == 1
+    assert "waiting for its lock" in results[0]["log"]  # rank 0 waited for rank 1's build
     assert is_complete(cached)
     names = set(json.loads((cached / COMPLETE_MARKER).read_text())["files"])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names

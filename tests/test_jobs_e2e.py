@@ -31,7 +31,10 @@ def test_main_job_end_to_end(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [rec["variant"] for rec in out["records"]] == ["id_only", "llm_only", "idle"]
+    assert [rec["row"] for rec in out["records"]] == ["id_only_all", "id_only", "llm_only", "idle"]
+    assert [c["metric"] for c in out["comparison"]] == ["hr@5", "ndcg@5"]  # IDLE vs the best baseline
+    for c in out["comparison"]:
+        assert c["lo"] <= c["diff"] <= c["hi"]
     for rec in out["records"]:
         assert rec["test"]["users"] == 24 and 0 <= rec["test"]["full"]["ndcg@10"] <= 1
     assert "| IDLE-Adapter |" in (tmp_path / "results" / "results.md").read_text()

@@ -49,9 +49,18 @@ def test_two_workers_train_learn_and_resume_by_name(ray_local, tiny_prepared, tm
     assert state["resumes"] == [{"epoch": 1, "step": spe, "fallback": False}]
     # the synthetic pattern (next = previous + 1) is learnable: validation far above chance (1/30)
     assert r2.metrics["best_val_ndcg@10"] > 0.3
-    # rerunning a finished run returns at once with the same state
-    r3 = run(cfg2, tiny_prepared, "resume")
-    assert r3.metrics["step"] == 3 * spe
+    # rerunning a finished run returns at once with the same state: no training step runs (the
+    # next one would kill a worker: fail_at_step), no checkpoint is written or changed
+    run_dir = tmp_path / "runs" / "resume"
+
+    def checkpoints():
+        return {p.name: (p / "train_state.json").read_bytes() for p in sorted(run_dir.glob("checkpoint_*"))
+                if p.is_dir()}
+    before = checkpoints()
+    r3 = run(cfg2, tiny_prepared, "resume", fail_at_step=3 * spe + 1)
+    assert not (run_dir / "failed_once").exists()
+    assert checkpoints() == before and Path(r3.checkpoint.path).name == Path(r2.checkpoint.path).name
+    assert r3.metrics["epoch"] == 3 and r3.metrics["step"] == 3 * spe
 
 
 def test_worker_crash_recovers_from_checkpoint(ray_local, tiny_prepared, tmp_path):

@@ -14,7 +14,7 @@ def id_artifact(tmp_path_factory, ray_local):
     """A real (tiny) SASRec pre-trained on the synthetic data through the pretrain path."""
     from conftest import synthetic_interactions
     from idle_ray.data.prepare import prepare_dataset
-    from jobs.pretrain import pretrain
+    from idle_ray.train.runs import pretrain
     tmp = tmp_path_factory.mktemp("adapter")
     df = synthetic_interactions(n_users=24)
     df.to_csv(tmp / "inter.csv", index=False)

@@ -44,16 +44,24 @@ def target_ranks(scores: Tensor, target: Tensor, exclude: Tensor | None = None) 
     return above.sum(dim=1)
 
 
-def metric_sums(ranks: Tensor | np.ndarray, ks_hr: Iterable[int] = HR_KS, ks_ndcg: Iterable[int] = NDCG_KS) -> dict:
-    """Per-metric sums over ``ranks`` (B,) plus ``count``; float64 so merging stays exact enough."""
+def per_user_metrics(ranks: Tensor | np.ndarray, ks_hr: Iterable[int] = HR_KS,
+                     ks_ndcg: Iterable[int] = NDCG_KS) -> dict[str, np.ndarray]:
+    """Each metric per user: ``{"hr@k" | "ndcg@k" | "mrr": (B,) float64}`` from ``ranks`` (B,)."""
     if isinstance(ranks, Tensor):
         ranks = ranks.detach().cpu().numpy()
     ranks = np.asarray(ranks, dtype=np.float64).reshape(-1)
-    sums = {f"hr@{k}": float((ranks < k).sum()) for k in ks_hr}
+    out = {f"hr@{k}": (ranks < k).astype(np.float64) for k in ks_hr}
     discount = 1.0 / np.log2(ranks + 2.0)
-    sums.update({f"ndcg@{k}": float(np.where(ranks < k, discount, 0.0).sum()) for k in ks_ndcg})
-    sums["mrr"] = float((1.0 / (ranks + 1.0)).sum())
-    sums["count"] = float(ranks.size)
+    out.update({f"ndcg@{k}": np.where(ranks < k, discount, 0.0) for k in ks_ndcg})
+    out["mrr"] = 1.0 / (ranks + 1.0)
+    return out
+
+
+def metric_sums(ranks: Tensor | np.ndarray, ks_hr: Iterable[int] = HR_KS, ks_ndcg: Iterable[int] = NDCG_KS) -> dict:
+    """Per-metric sums over ``ranks`` (B,) plus ``count``; float64 so merging stays exact enough."""
+    per_user = per_user_metrics(ranks, ks_hr, ks_ndcg)
+    sums = {key: float(values.sum()) for key, values in per_user.items()}
+    sums["count"] = float(per_user["mrr"].size)
     return sums
 
 

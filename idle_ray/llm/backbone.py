@@ -294,9 +294,14 @@ def _write_smollm2(gguf_path: Path, dest: Path, log) -> None:
     for config in (base.config, causal_lm.config):
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-    # is_main_process: under an initialised torch.distributed, transformers would otherwise write
-    # the weights and config on rank 0 only (the cause of an incomplete cache in the past).
-    base.save_pretrained(dest, safe_serialization=True, is_main_process=True)
+    # Written by hand, not with save_pretrained: under an initialised torch.distributed (a Ray Train
+    # worker) transformers writes weights and config on rank 0 only, even with is_main_process=True
+    # (measured: rank 1 wrote the tokenizer files alone), which left incomplete caches in the past.
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous() for k, v in base.state_dict().items()}, str(dest / "model.safetensors"),
+              metadata={"format": "pt"})
+    base.config.architectures = [type(base).__name__]  # what save_pretrained would record
+    base.config.to_json_file(str(dest / "config.json"))
     tokenizer.save_pretrained(dest)
     log(f"[backbone cache] built in {time.time() - t0:.0f} s")
 

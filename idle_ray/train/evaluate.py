@@ -12,10 +12,11 @@ import os
 import numpy as np
 import ray
 
-from idle_ray.config import ExperimentConfig, to_dict
+from idle_ray.config import ExperimentConfig, experiment_from_dict, to_dict
 from idle_ray.data.pipeline import split_dataset
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.eval.metrics import finalize, metric_sums
+from idle_ray.results.records import ranks_entry
 
 
 class Scorer:
@@ -27,7 +28,6 @@ class Scorer:
 
         from idle_ray.data.prepare import load_prepared
         from idle_ray.train import builders
-        from idle_ray.train.worker import experiment_from_dict
         torch.set_num_threads(threads)
         cfg = experiment_from_dict(experiment)
         ds = load_prepared(prepared)
@@ -61,7 +61,8 @@ class Scorer:
 def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, kind: str,
              weights: str | None = None, id_artifact: str | None = None, protocols: list | None = None,
              actors: int = 1, cpus_per_actor: float = 1.0, threads: int | None = None, extra_stage=None) -> dict:
-    """Metrics on ``split`` ({protocol: {metric: value}}, plus ``users``) computed on Ray.
+    """Metrics on ``split`` ({protocol: {metric: value}}, plus ``users`` and the per-user ``ranks``
+    of :func:`idle_ray.results.records.ranks_entry`) computed on Ray.
 
     ``kind``: "id_model" (the artifact's model) or "adapter" (the config's variant with ``weights``,
     a path or URI).
@@ -91,13 +92,10 @@ def evaluate(cfg: ExperimentConfig, prepared: PreparedDataset, split: str, *, ki
     if len(np.unique(users)) != len(users) or len(users) != expected:
         raise RuntimeError(f"evaluation saw {len(users)} rows for {len(np.unique(users))} users; expected "
                            f"{expected} users once each")
-    order = np.argsort(users)
-    ranks = {p: np.concatenate(collected[p])[order] for p in protocols}
+    ranks = {p: np.concatenate(collected[p]) for p in protocols}
     out = {p: finalize(metric_sums(ranks[p])) for p in protocols}
     out["users"] = int(len(users))
-    # per-user 0-based ranks (sorted by dense user id): tables and paired intervals are recomputed
-    # from these without re-running anything
-    out["per_user"] = {"user": users[order].tolist(), **{p: ranks[p].astype(int).tolist() for p in protocols}}
+    out["ranks"] = ranks_entry(users, ranks)  # per user, for paired comparisons (idle_ray.results)
     return out
 
 

@@ -11,6 +11,7 @@ keep it in that form, so it can travel to other processes as a string.
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from idle_ray.config import ConfigError
+from idle_ray.results.files import json_text, write_json
 
 # pyarrow's filesystem type names -> URI schemes
 _SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}
@@ -136,3 +138,20 @@ class MirroredFolder:
             return
         fs, path = resolve(self.location)
         pafs.copy_files(self.local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def write_json_in(folder: str, name: str, obj) -> str:
+    """``folder/name`` for a local folder (atomic) or an ``s3://`` / ``gs://`` prefix (an object
+    store's put is atomic itself)."""
+    if not is_uri(folder):
+        return str(write_json(os.path.join(folder, name), obj))
+    fs, path = resolve(join(folder, name))
+    with fs.open_output_stream(path) as f:
+        f.write(json_text(obj).encode())
+    return join(folder, name)
+
+
+def read_json_in(folder: str, name: str) -> dict | None:
+    """``folder/name`` parsed, or None when it does not exist."""
+    location = join(folder, name)
+    return json.loads(read_bytes(location)) if exists(location) else None

@@ -29,19 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idle_ray.config import ExperimentConfig, _build
+from idle_ray.config import ExperimentConfig, experiment_from_dict
 from idle_ray.data.prepare import load_prepared
 from idle_ray.eval.metrics import finalize, merge_sums, metric_sums
 from idle_ray.eval.protocols import protocol_ranks
 from idle_ray.train import storage
-
-CKPT_META = "train_state.json"
-CKPT_WEIGHTS = "trainable.safetensors"
-DS_TAG = "deepspeed"
-
-
-def experiment_from_dict(d: dict) -> ExperimentConfig:
-    return _build(ExperimentConfig, d, "", "<worker config>")
+from idle_ray.train.checkpoint_names import CKPT_META, CKPT_WEIGHTS, DS_TAG
 
 
 def tb_name(key: str) -> str:
@@ -331,7 +324,7 @@ def _loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
              "history": []}
     best_keep = os.path.join(tempfile.mkdtemp(prefix="idle_ray_best_"), "best_" + CKPT_WEIGHTS)
     restored = _try_restore(engine, ctx, config.get("run_dir"), best_keep)
-    from idle_ray.train.weights import weights_metadata  # (imports this module)
+    from idle_ray.train.weights import weights_metadata
     weights_meta = weights_metadata(cfg, prepared, config["task"], config.get("id_artifact"))
     if restored:
         state = restored

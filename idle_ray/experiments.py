@@ -1,0 +1,136 @@
+"""The main experiment (``jobs/main.py``): ID models, then each adapter variant, per seed, tested once and reported.
+
+Layer: above ``train`` (it runs training) and beside ``tune``; tables, plots, intervals and result
+files come from :mod:`idle_ray.results`, so a record per (row, seed) is all this flow makes.
+
+Rows (``variants``): ``id_only_all`` — the ID model pre-trained on every training target (the
+strongest ID baseline); ``id_only`` — the adapter's own base, pre-trained without each user's last
+``pretrain.holdout_targets`` training targets (out-of-sample states for the adapter, DESIGN §5c);
+``llm_only``, ``llara``, ``idle`` and the ablations ``idle_no_fusion`` (the paper's head, no score
+fusion), ``idle_no_refine``, ``idle_no_mmd``. The comparison is IDLE against the best baseline row
+(by mean over seeds), per user and paired: a bootstrap interval of the mean difference with each
+user's metric averaged over the seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from idle_ray.config import ExperimentConfig, config_hash
+from idle_ray.results.files import write_json, write_text
+from idle_ray.results.plots import bar_plot
+from idle_ray.results.records import user_metric
+from idle_ray.results.stats import paired_bootstrap
+from idle_ray.results.tables import markdown_table, metrics_table
+
+COLUMNS = ("hr@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10", "mrr")
+COMPARED = ("hr@5", "ndcg@5")
+# row -> (adapter.variant, adapter overrides, label)
+ROWS = {"id_only_all": ("id_only", {}, "ID model (all targets)"),
+        "id_only": ("id_only", {}, "ID model (adapter's base)"),
+        "llm_only": ("llm_only", {}, "LLM-only"),
+        "llara": ("llara", {}, "LLaRA-style"),
+        "idle": ("idle", {}, "IDLE-Adapter"),
+        "idle_no_fusion": ("idle", {"fusion": "none"}, "IDLE w/o fusion"),
+        "idle_no_refine": ("idle_no_refine", {}, "IDLE w/o refinement"),
+        "idle_no_mmd": ("idle_no_mmd", {}, "IDLE w/o MMD")}
+BASELINES = ("id_only_all", "id_only", "llm_only", "llara")
+DEFAULT_ROWS = ("id_only_all", "id_only", "llm_only", "idle")
+
+
+def row_config(cfg: ExperimentConfig, row: str) -> ExperimentConfig:
+    variant, overrides, _ = ROWS[row]
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, variant=variant, **overrides))
+
+
+def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
+    """Every row for ``cfg.seed``: pre-train the ID model(s) (reused when present), train and test each."""
+    from idle_ray.train.runs import pretrain, train_and_test
+
+    t0 = time.time()
+    artifact, _ = pretrain(cfg, prepared, log=log)
+    artifact_all = artifact
+    if "id_only_all" in rows and cfg.pretrain.holdout_targets:
+        cfg_all = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, holdout_targets=0))
+        artifact_all, _ = pretrain(cfg_all, prepared, log=log)
+    log(f"[main] seed {cfg.seed}: ID model(s) ready ({time.time() - t0:.0f} s)")
+    records = []
+    for row in rows:
+        t = time.time()
+        rec = train_and_test(row_config(cfg, row), prepared, artifact_all if row == "id_only_all" else artifact, log=log)
+        rec.update(row=row, seconds=round(time.time() - t, 1))
+        records.append(rec)
+        log(f"[main] seed {cfg.seed} {row} done in {rec['seconds']:.0f} s: " +
+            " ".join(f"{c} {rec['test']['full'][c]:.4f}" for c in COLUMNS))
+    return records
+
+
+def seed_averaged(records: list[dict], row: str, metric: str) -> np.ndarray:
+    """Per-user ``metric`` of ``row``, averaged over its seeds (users sorted by id)."""
+    values = [user_metric(r, metric) for r in records if r["row"] == row]
+    users = values[0][0]
+    if any(not np.array_equal(u, users) for u, _ in values):
+        raise ValueError(f"the seeds of {row!r} were evaluated on different users")
+    return np.mean([v for _, v in values], axis=0)
+
+
+def comparison(records: list[dict], resamples: int = 10_000) -> list[dict]:
+    """IDLE minus the best baseline row on each of ``COMPARED``: ratio of means and a paired bootstrap."""
+    present = {r["row"] for r in records}
+    out = []
+    if "idle" not in present:
+        return out
+    for metric in COMPARED:
+        means = {row: float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == row]))
+                 for row in BASELINES if row in present}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        idle = float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == "idle"]))
+        diff, lo, hi = paired_bootstrap(seed_averaged(records, "idle", metric), seed_averaged(records, best, metric),
+                                        resamples=resamples)
+        out.append({"metric": metric, "baseline": best, "idle": idle, "baseline_value": means[best],
+                    "ratio": idle / means[best] if means[best] else float("nan"), "diff": diff, "lo": lo, "hi": hi})
+    return out
+
+
+def comparison_table(rows: list[dict]) -> str:
+    body = [[c["metric"].upper(), ROWS[c["baseline"]][2], f"{c['idle']:.4f}", f"{c['baseline_value']:.4f}",
+             f"{c['ratio']:.3f}x", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"] for c in rows]
+    return "\n".join(markdown_table(["metric", "best baseline", "IDLE", "baseline", "IDLE / baseline",
+                                     "IDLE − baseline, paired bootstrap 95% (users, 10,000 resamples)"], body))
+
+
+def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS, log=print) -> list[dict]:
+    """Prepare, then per seed pre-train the ID model(s) and train and test each row once; write
+    ``out/results.{md,json,png}`` (mean ± std over seeds, IDLE vs the best baseline); returns the records."""
+    from idle_ray.data.prepare import format_summary
+    from idle_ray.train import builders
+
+    seeds = list(seeds or [cfg.seed])
+    t0 = time.time()
+    prepared = builders.prepare_from_config(cfg)
+    log(format_summary(prepared))
+    records = [rec for seed in seeds for rec in run_seed(dataclasses.replace(cfg, seed=seed), prepared, rows, log)]
+    total = time.time() - t0
+    title = (f"{prepared.manifest['dataset']} test, full ranking over {prepared.num_items:,} items, "
+             f"{prepared.manifest['num_users']} users; backbone {cfg.llm.backbone}; seeds "
+             f"{', '.join(map(str, seeds))}")
+    table = metrics_table({ROWS[row][2]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
+                          COLUMNS, title)
+    compared = comparison(records)
+    text = table + ("\n\n" + comparison_table(compared) if compared else "")
+    log("\n" + text + f"\n\nwall time {total / 60:.1f} min")
+    write_text(os.path.join(out, "results.md"), text + f"\n\nconfig hash {config_hash(cfg)}, data fingerprint "
+               f"{prepared.fingerprint[:12]}, wall time {total / 60:.1f} min\n")
+    write_json(os.path.join(out, "results.json"), {"config_hash": config_hash(cfg), "seeds": seeds,
+                                                   "data_fingerprint": prepared.fingerprint,
+                                                   "wall_seconds": round(total, 1), "comparison": compared,
+                                                   "records": records})
+    bar_plot({ROWS[row][2]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
+             COLUMNS, os.path.join(out, "results.png"), title)
+    log(f"[main] wrote {out}/results.md, results.json, results.png")
+    return records
