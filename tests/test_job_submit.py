@@ -342,3 +342,22 @@ def test_ray_job_submit_train(ray_head, tmp_path):
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["epoch"] == 1 and state["step"] == record["steps"]
     assert list((tmp_path / "runs" / record["run"] / "tensorboard").glob("events.*"))
+
+
+README_SUBMIT = '.venv/bin/ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/prepare.py'
+
+
+def test_readme_job_submit_command_verbatim(ray_head):
+    """The README's `ray job submit` line for a local head, typed into a shell in the repository as a
+    new user would (the venv's `ray` on PATH, RAY_ADDRESS naming the head): the job SUCCEEDS."""
+    _, address = ray_head
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()
+             if line.strip().startswith(README_SUBMIT)]
+    assert lines, f"README no longer shows `{README_SUBMIT} ...`: update this test with it"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled",
+               PATH=f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    r = subprocess.run(["bash", "-c", lines[0]], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert "prepared" in out and "not found" not in out, out[-4000:]
