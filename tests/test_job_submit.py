@@ -46,7 +46,8 @@ import pytest
 from tiny_jobs import write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-EXCLUDES = [".venv", ".venv-recbole", "data_cache", "runs", "artifacts", "results", ".git"]
+# Anchored at the working dir ("/results", not "results": that would also drop idle_ray/results/).
+EXCLUDES = ["/.venv", "/.venv-recbole", "/data_cache", "/runs", "/artifacts", "/results", "/.git"]
 RUNTIME_ENV = {
     "working_dir": str(REPO),
     "excludes": EXCLUDES,
@@ -332,6 +333,8 @@ def test_ray_job_submit_train(ray_head, tmp_path):
     status, logs = _wait(client, job, timeout_s=600), client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"train job ended {status}:\n{logs[-4000:]}"
     assert "Started a local Ray instance" not in logs  # the driver joined this head
+    progress = [line for line in logs.splitlines() if "[train] step" in line or "[eval] epoch" in line]
+    assert progress and len(progress) == len(set(progress)), progress  # each worker line once
     record = json.loads(out.read_text())
     assert record["variant"] == "idle" and record["epochs"] == 1 and record["steps"] > 0
     assert record["test"]["users"] == N_USERS and 0 <= record["test"]["full"]["ndcg@10"] <= 1

@@ -25,7 +25,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Join a running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start an embedded one."""
     if ray.is_initialized():
         return
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # Train V2 patches print() in its workers to log through the root logger *and*, when the
+           # worker's stdout is wrapped (it is under `ray job submit`), to print as well: every
+           # progress line reached `ray job logs` twice. Unpatched, a print is a print, once.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     # Under `ray job submit` Ray merges this runtime env into the job's and refuses any variable
     # the job's runtime env sets too (even with the same value): leave those to the job.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
