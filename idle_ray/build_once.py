@@ -94,7 +94,12 @@ class BuildLock:
             self._lock.acquire()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and not self.final.exists():
+            # A failed first build (e.g. bad input) leaves nothing behind, not even its lock file.
+            # (A process still waiting on this lock then holds it on the unlinked file; it will fail
+            # the same way, and the next one starts clean.)
+            lock_path(self.final).unlink(missing_ok=True)
         self._lock.release()
 
 
@@ -136,7 +141,12 @@ def build_locked(final: str | Path, build: Callable[[Path], None], verify: Calla
         if verify is not None:
             verify(tmp)
         mark_complete(tmp, info)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_complete(final):  # a process on another node (shared storage) won the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

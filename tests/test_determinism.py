@@ -21,13 +21,14 @@ def _run(tmp_path, tag: str) -> dict:
     inter, items = write_tiny_data(tmp_path / "input")
     work = tmp_path / tag
     cfg = write_tiny_config(tmp_path / f"{tag}.yaml", inter, items, work, str(work / "runs"),
-                            pretrain={"epochs": 2, "num_workers": 2},
+                            pretrain={"epochs": 1, "num_workers": 2},
                             train={"epochs": 2, "torch_threads": 1, "eval_max_users": 0})
     r = run_job("train.py", "--config", cfg, "--output", work / "result.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((work / "result.json").read_text())
 
 
+@pytest.mark.timeout(1800)  # two whole jobs, each starting its own Ray
 def test_two_fresh_runs_give_identical_metrics(tmp_path):
     a, b = _run(tmp_path, "first"), _run(tmp_path, "second")
     assert a["torch_threads"] == b["torch_threads"] == 1  # recorded with the result

@@ -30,11 +30,12 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
     ``extra_stage``: ``(function, kwargs)`` applied after windowing (e.g. prompt tokenisation).
-    ``shuffle`` (default: train only) without ``seed`` randomises the block order (the consumer
-    adds a local shuffle buffer). With ``seed`` (training): files are read in order and the samples
-    get a **seeded global shuffle** (``random_shuffle(seed)``, before tokenisation, so only the
-    small integer columns move); with order-preserving execution (``DataConfig(execution_options=
-    ...preserve_order=True)``) the stream is then the same in every run.
+    ``shuffle`` (default: train only) without ``seed`` randomises the file order (the consumer
+    adds a local shuffle buffer). With ``seed`` (training): samples get a **seeded global shuffle**
+    (``random_shuffle(seed)``, before tokenisation, so only the small integer columns move);
+    pre-training windows get a seeded file order instead (see the code). With order-preserving
+    execution (``DataConfig(execution_options=...preserve_order=True)``) the stream is then the same
+    in every run.
     ``rank``/``world``: only the users with ``user % world == rank`` (a worker's deterministic
     share: one dataset per rank). ``holdout``: the last training targets left out (pre-training on
     out-of-sample targets for the adapter). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs).
@@ -45,7 +46,14 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
     shuffle = shuffle if shuffle is not None else split == "train"
-    shuffle_files = "files" if shuffle and seed is None else None
+    # Pre-training windows (many epochs; an all-to-all shuffle per epoch costs Ray tasks and worker
+    # start-ups that dwarf SASRec's step): shards in a seeded order, re-mixed by the consumer's
+    # seeded buffer. Adapter samples: read in order, then the seeded global shuffle below.
+    shuffle_files = None
+    if shuffle and seed is None:
+        shuffle_files = "files"
+    elif shuffle and windows:
+        shuffle_files = ray.data.FileShuffleConfig(seed=seed)
     def read():
         # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
         # The V2 Parquet path lists files in a task that asks a whole CPU whatever num_cpus says,
@@ -67,7 +75,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows,
         "max_user": max_user, "holdout": holdout, "rank": rank, "world": world},
         batch_format="pyarrow", batch_size=batch_size, num_cpus=DATA_CPUS)
-    if shuffle and seed is not None:
+    if shuffle and seed is not None and not windows:
         ds = ds.random_shuffle(seed=seed, num_cpus=DATA_CPUS)
     if extra_stage is not None:
         fn, kwargs = extra_stage
