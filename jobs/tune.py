@@ -59,7 +59,7 @@ def evaluate_best(cfg, prepared, artifact, best, baselines: list[str], log=print
     """The best trial's validation-selected adapter on test, once, next to the baselines."""
     from idle_ray.train import storage as run_storage
     from idle_ray.train.evaluate import evaluate_adapter
-    from idle_ray.train.worker import CKPT_WEIGHTS
+    from idle_ray.train.checkpoints import CKPT_WEIGHTS
     from idle_ray.tune.search import apply_params
     from jobs.train import train_and_test
 

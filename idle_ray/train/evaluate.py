@@ -27,7 +27,7 @@ class Scorer:
 
         from idle_ray.data.prepare import load_prepared
         from idle_ray.train import builders
-        from idle_ray.train.worker import experiment_from_dict
+        from idle_ray.config import experiment_from_dict
         torch.set_num_threads(threads)
         cfg = experiment_from_dict(experiment)
         ds = load_prepared(prepared)
@@ -47,7 +47,7 @@ class Scorer:
         import torch
 
         from idle_ray.eval.protocols import protocol_ranks
-        from idle_ray.train.worker import to_tensors
+        from idle_ray.train.contexts import to_tensors
         t = to_tensors({k: v for k, v in batch.items() if k != "seen"}, "cpu")
         with torch.no_grad():
             scores = self.model.full_sort_predict(t).float()

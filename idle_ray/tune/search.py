@@ -120,7 +120,7 @@ def train_driver_fn(params: dict, *, experiment: dict, prepared: str, id_artifac
 
     from idle_ray.data.prepare import load_prepared
     from idle_ray.train.launch import run_training
-    from idle_ray.train.worker import experiment_from_dict
+    from idle_ray.config import experiment_from_dict
 
     cfg = apply_params(experiment_from_dict(experiment), params)
     run_name = train_run_name(name, tune.get_context().get_trial_id())
@@ -140,7 +140,7 @@ def trained_epochs(run_dir: str) -> list[dict]:
     first; the last one carries the checkpoint's location like ``TuneReportCallback`` does."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from idle_ray.train.worker import CKPT_META
+    from idle_ray.train.checkpoints import CKPT_META
     for ckpt in storage.checkpoints(run_dir):
         try:
             history = json.loads(storage.read_bytes(storage.join(ckpt, CKPT_META)))["history"]
