@@ -1,4 +1,4 @@
-"""Training checkpoints: their file names, saving one, and the one a run resumes from.
+"""Training checkpoints: their file names, saving one, and the one checkpoint every rank resumes from.
 
 A checkpoint folder holds DeepSpeed's state under ``DS_TAG`` (every rank's optimizer shard; frozen
 weights are never written), the trainable weights ``CKPT_WEIGHTS`` and the best ones so far
@@ -58,26 +58,63 @@ def candidate_checkpoints(latest, run_dir: str | None) -> list:
     return out
 
 
+def choose_checkpoint(candidates: list) -> int | None:
+    """Index of the first candidate whose state can be read and that has DeepSpeed's folder (a
+    warning for each one passed over); ``None`` when there is none. Reads only, loads nothing."""
+    import pyarrow.fs as pafs
+    for i, cand in enumerate(candidates):
+        try:
+            with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
+                state = json.loads(f.read())
+            missing = [k for k in ("epoch", "step") if k not in state]  # the resume record needs both
+            if missing:
+                raise KeyError(missing[0])
+            if cand.filesystem.get_file_info(os.path.join(cand.path, DS_TAG)).type != pafs.FileType.Directory:
+                raise FileNotFoundError(f"no {DS_TAG} folder")
+            return i
+        except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
+            warnings.warn(f"checkpoint {cand.path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+    return None
+
+
+def _from_rank0(value, world: int):
+    """Rank 0's ``value`` on every rank (as it is without a process group or with one rank)."""
+    import torch.distributed as dist
+    if dist.is_initialized() and world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None:
-    """Load the latest readable checkpoint (older ones on failure, with a warning)."""
+    """Load the checkpoint rank 0 chose (the latest readable one; older ones with a warning) on
+    every rank, so all ranks resume from the same epoch; a rank that cannot load it raises."""
     latest = ctx.get_checkpoint()
     if latest is None:
         return None
-    for cand in candidate_checkpoints(latest, run_dir):
-        try:
-            with cand.as_directory() as d:  # a remote checkpoint is downloaded to a temp folder
-                with open(os.path.join(d, CKPT_META)) as f:
-                    state = json.load(f)
-                engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
-                best = os.path.join(d, "best_" + CKPT_WEIGHTS)
-                if os.path.exists(best):
-                    shutil.copy(best, best_keep)
-            if cand is not latest:
-                warnings.warn(f"latest checkpoint {latest.path} is unreadable; resumed from the older {cand.path}")
-            state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
-                                                    "fallback": cand is not latest})
-            return state
-        except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
-            warnings.warn(f"checkpoint {cand.path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
-    raise RuntimeError("no readable checkpoint to resume from; delete the run folder to start over")
+    candidates = candidate_checkpoints(latest, run_dir)
+    chosen = None
+    if ctx.rank == 0:
+        index = choose_checkpoint(candidates)
+        chosen = (index, None if index is None else candidates[index].path)
+    index, path = _from_rank0(chosen, ctx.world)
+    if index is None:
+        raise RuntimeError("no readable checkpoint to resume from; delete the run folder to start over")
+    cand = candidates[index] if index < len(candidates) else None
+    if cand is None or cand.path != path:
+        raise RuntimeError(f"rank {ctx.rank} does not see rank 0's checkpoint {path} among its candidates "
+                           f"{[c.path for c in candidates]}")
+    with cand.as_directory() as d:  # a remote checkpoint is downloaded to a temp folder
+        with open(os.path.join(d, CKPT_META)) as f:
+            state = json.load(f)
+        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        best = os.path.join(d, "best_" + CKPT_WEIGHTS)
+        if os.path.exists(best):
+            shutil.copy(best, best_keep)
+    if cand is not latest:
+        warnings.warn(f"latest checkpoint {latest.path} is unreadable; resumed from the older {cand.path}")
+    state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
+                                            "fallback": cand is not latest})
+    return state
