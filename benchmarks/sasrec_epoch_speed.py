@@ -10,7 +10,7 @@ no weight decay, fp32, ``torch.set_num_threads(--threads)``.
 
 What is timed: one optimisation step from a batch of host tensors -- forward, full-softmax
 cross-entropy, backward, optimizer step. Ours is the pre-training job's own step
-(``worker.train_step`` on the job's DeepSpeed engine, ZeRO-0); RecBole's is its own
+(``steps.train_step`` on the job's DeepSpeed engine, ZeRO-0); RecBole's is its own
 ``Trainer._train_epoch`` (run by ``benchmarks/recbole/reference.py --batches --interleave`` under
 ``.venv-recbole``, in a second process). Neither side's data loading is timed: both get the same
 ``--steps`` batches, drawn from one seeded shuffle of the whole training split (ours
@@ -74,7 +74,7 @@ def our_pass(cfg, prepared, batches: list[dict]):
 
     from idle_ray.train.builders import build_pretrain_task
     from idle_ray.train.engine import init_single_process_group
-    from idle_ray.train.worker import make_engine, train_step
+    from idle_ray.train.steps import make_engine, train_step
 
     init_single_process_group()
     task, _ = build_pretrain_task(cfg, prepared)

@@ -11,10 +11,10 @@ Rows (``--rows``, comma list; ``bare`` is always measured):
   (``adapter_step.bare_step``: input embeddings require grad, weights do not): the least a method
   that back-propagates through the LLM pays.
 * ``worker`` — the training step as the worker runs it: the next batch from the worker's own data
-  feed (:class:`~idle_ray.train.worker.LocalContext`: windowing of the prepared Parquet shards +
+  feed (:class:`~idle_ray.train.contexts.LocalContext`: windowing of the prepared Parquet shards +
   prompt tokenisation, the functions the Ray Data pipeline runs), then
-  :func:`~idle_ray.train.worker.train_step` (tensors, DeepSpeed engine forward with adapter + MMD,
-  backward, optimizer step) on the engine :func:`~idle_ray.train.worker.make_engine` builds from
+  :func:`~idle_ray.train.steps.train_step` (tensors, DeepSpeed engine forward with adapter + MMD,
+  backward, optimizer step) on the engine :func:`~idle_ray.train.steps.make_engine` builds from
   the config (ZeRO stage, precision, AdamW, gradient clipping). The feed's time is included.
 * ``feed`` — the data feed alone (windowing + tokenisation of one batch).
 * ``torch`` — the same model and batch with a plain ``torch.optim.AdamW`` (+ gradient clipping),
@@ -72,7 +72,7 @@ def trimmed(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 def torch_step_fn(model, cfg, device):
     """The adapter step with a plain torch AdamW and the engine's gradient clipping (1.0)."""
-    from idle_ray.train.worker import to_tensors
+    from idle_ray.train.contexts import to_tensors
     params = [p for n, p in model.named_parameters() if model.is_trainable(n)]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
@@ -88,7 +88,7 @@ def torch_step_fn(model, cfg, device):
 def build_rows(names: list[str], cfg, prepared, artifact, device):
     """``{row: step(batch)}`` and ``{row: error}``; the adapters share one backbone and ID model."""
     from idle_ray.train.builders import adapter_model, build_adapter_task
-    from idle_ray.train.worker import make_engine, train_step
+    from idle_ray.train.steps import make_engine, train_step
 
     batch_size = cfg.train.batch_size
     worker_model = build_adapter_task(cfg, prepared, artifact)
@@ -141,7 +141,8 @@ def build_rows(names: list[str], cfg, prepared, artifact, device):
 
 def feed_forever(cfg, prepared):
     """Full training batches from the worker's own feed, epoch after epoch (new shuffle each)."""
-    from idle_ray.train.worker import LocalContext, local_stage
+    from idle_ray.train.contexts import LocalContext
+    from idle_ray.train.worker import local_stage
     ctx = LocalContext(prepared, cfg, local_stage("adapter", cfg, prepared), Path(tempfile.mkdtemp()))
     for epoch in itertools.count():
         for batch in ctx.batches("train", cfg.train.batch_size, seed=cfg.seed * 1000 + epoch):
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
     from idle_ray.data.prepare import load_prepared
     from idle_ray.train.builders import id_artifact_dir, prepare_from_config
     from idle_ray.train.engine import init_single_process_group
-    from idle_ray.train.worker import worker_device
+    from idle_ray.train.steps import worker_device
 
     device = worker_device(cfg)
     init_single_process_group()

@@ -324,6 +324,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return cfg
 
 
+def experiment_from_dict(d: dict, source: str = "<worker config>") -> ExperimentConfig:
+    """The ExperimentConfig of a :func:`to_dict` (how it travels to workers and actors), with its
+    fields checked again; ``source`` names it in errors."""
+    return _build(ExperimentConfig, d, "", source)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -47,7 +47,7 @@ class Scorer:
         import torch
 
         from idle_ray.eval.protocols import protocol_ranks
-        from idle_ray.train.worker import to_tensors
+        from idle_ray.train.contexts import to_tensors
         t = to_tensors({k: v for k, v in batch.items() if k != "seen"}, "cpu")
         with torch.no_grad():
             scores = self.model.full_sort_predict(t).float()

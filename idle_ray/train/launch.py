@@ -17,7 +17,7 @@ from idle_ray.data.pipeline import split_dataset
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.train import builders
 from idle_ray.train import storage as run_storage
-from idle_ray.train.checkpoint_names import CKPT_META, CKPT_WEIGHTS
+from idle_ray.train.checkpoints import CKPT_META, CKPT_WEIGHTS
 from idle_ray.train.worker import train_fn_per_worker
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from idle_ray.config import ConfigError, ExperimentConfig
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.train import storage
-from idle_ray.train.checkpoint_names import CKPT_WEIGHTS
+from idle_ray.train.checkpoints import CKPT_WEIGHTS
 
 BEST_WEIGHTS = "best_" + CKPT_WEIGHTS
 # Config fields that define a trained adapter: evaluating its weights under other values is an error.

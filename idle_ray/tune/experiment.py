@@ -47,7 +47,7 @@ def trial_rows(results, metric: str) -> list[dict]:
 
 def evaluate_best(cfg: ExperimentConfig, prepared, artifact: str, best, baselines: list[str], log=print) -> dict:
     """The best trial's validation-selected adapter on test, once, next to the baselines."""
-    from idle_ray.train.checkpoint_names import CKPT_WEIGHTS
+    from idle_ray.train.checkpoints import CKPT_WEIGHTS
     from idle_ray.train.evaluate import evaluate_adapter
     from idle_ray.train.runs import train_and_test
     from idle_ray.tune.search import apply_params

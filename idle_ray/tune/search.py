@@ -140,7 +140,7 @@ def trained_epochs(run_dir: str) -> list[dict]:
     first; the last one carries the checkpoint's location like ``TuneReportCallback`` does."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from idle_ray.train.checkpoint_names import CKPT_META
+    from idle_ray.train.checkpoints import CKPT_META
     for ckpt in storage.checkpoints(run_dir):
         try:
             history = json.loads(storage.read_bytes(storage.join(ckpt, CKPT_META)))["history"]

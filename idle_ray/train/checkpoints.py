@@ -1,0 +1,120 @@
+"""Training checkpoints: their file names, saving one, and the one checkpoint every rank resumes from.
+
+A checkpoint folder holds DeepSpeed's state under ``DS_TAG`` (every rank's optimizer shard; frozen
+weights are never written), the trainable weights ``CKPT_WEIGHTS`` and the best ones so far
+``best_`` + ``CKPT_WEIGHTS`` (safetensors), and the loop's state ``CKPT_META`` (JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+from idle_ray.train import storage
+
+CKPT_META = "train_state.json"
+CKPT_WEIGHTS = "trainable.safetensors"
+DS_TAG = "deepspeed"
+
+
+def save_checkpoint(engine, model, state: dict, rank: int, weights_meta: dict[str, str]) -> str:
+    """A temp folder with this rank's part of the checkpoint (rank 0 adds weights and state)."""
+    from safetensors.torch import save_file
+    d = tempfile.mkdtemp(prefix="idle_ray_ckpt_")
+    # Every rank writes its optimizer shard; frozen weights are never written.
+    engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=True)
+    if rank == 0:
+        sd = trainable_state(engine, model)
+        save_file(sd, os.path.join(d, CKPT_WEIGHTS), metadata=weights_meta)
+        with open(os.path.join(d, CKPT_META), "w") as f:
+            json.dump(state, f)
+    return d
+
+
+def trainable_state(engine, model) -> dict:
+    """Trainable tensors (full names), gathered when ZeRO-3 partitions them."""
+    names = [n for n, p in model.named_parameters() if model.is_trainable(n)]
+    params = [p for n, p in model.named_parameters() if model.is_trainable(n)]
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().cpu().clone().contiguous() for n, p in zip(names, params)}
+    state = model.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if model.is_trainable(k)}
+
+
+def candidate_checkpoints(latest, run_dir: str | None) -> list:
+    """Latest first, then older checkpoints of the same run (newest first), as ``ray.train.Checkpoint``s
+    on the run's filesystem: a local folder, NFS or a URI alike."""
+    from ray.train import Checkpoint
+    out = [latest]
+    if run_dir:
+        fs, _ = storage.resolve(run_dir)
+        latest_name = os.path.basename(latest.path.rstrip("/"))
+        out += [Checkpoint(storage.resolve(c)[1], filesystem=fs) for c in storage.checkpoints(run_dir)
+                if os.path.basename(c) != latest_name]
+    return out
+
+
+def choose_checkpoint(candidates: list) -> int | None:
+    """Index of the first candidate whose state can be read and that has DeepSpeed's folder (a
+    warning for each one passed over); ``None`` when there is none. Reads only, loads nothing."""
+    import pyarrow.fs as pafs
+    for i, cand in enumerate(candidates):
+        try:
+            with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
+                state = json.loads(f.read())
+            missing = [k for k in ("epoch", "step") if k not in state]  # the resume record needs both
+            if missing:
+                raise KeyError(missing[0])
+            if cand.filesystem.get_file_info(os.path.join(cand.path, DS_TAG)).type != pafs.FileType.Directory:
+                raise FileNotFoundError(f"no {DS_TAG} folder")
+            return i
+        except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
+            warnings.warn(f"checkpoint {cand.path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+    return None
+
+
+def _from_rank0(value, world: int):
+    """Rank 0's ``value`` on every rank (as it is without a process group or with one rank)."""
+    import torch.distributed as dist
+    if dist.is_initialized() and world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None:
+    """Load the checkpoint rank 0 chose (the latest readable one; older ones with a warning) on
+    every rank, so all ranks resume from the same epoch; a rank that cannot load it raises."""
+    latest = ctx.get_checkpoint()
+    if latest is None:
+        return None
+    candidates = candidate_checkpoints(latest, run_dir)
+    chosen = None
+    if ctx.rank == 0:
+        index = choose_checkpoint(candidates)
+        chosen = (index, None if index is None else candidates[index].path)
+    index, path = _from_rank0(chosen, ctx.world)
+    if index is None:
+        raise RuntimeError("no readable checkpoint to resume from; delete the run folder to start over")
+    cand = candidates[index] if index < len(candidates) else None
+    if cand is None or cand.path != path:
+        raise RuntimeError(f"rank {ctx.rank} does not see rank 0's checkpoint {path} among its candidates "
+                           f"{[c.path for c in candidates]}")
+    with cand.as_directory() as d:  # a remote checkpoint is downloaded to a temp folder
+        with open(os.path.join(d, CKPT_META)) as f:
+            state = json.load(f)
+        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        best = os.path.join(d, "best_" + CKPT_WEIGHTS)
+        if os.path.exists(best):
+            shutil.copy(best, best_keep)
+    if cand is not latest:
+        warnings.warn(f"latest checkpoint {latest.path} is unreadable; resumed from the older {cand.path}")
+    state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"],
+                                            "fallback": cand is not latest})
+    return state

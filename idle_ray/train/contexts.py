@@ -1,0 +1,86 @@
+"""Where a training worker gets batches and reports to: Ray Train (``RayContext``) or nothing (``LocalContext``).
+
+Both give the loop ``rank`` / ``world``, ``batches(split, batch_size, seed)``, ``get_checkpoint()``
+and ``report(metrics, ckpt_dir)``; :func:`to_tensors` turns their numpy batches into tensors.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from idle_ray.config import ExperimentConfig
+
+
+def to_tensors(batch: dict, device) -> dict:
+    """numpy batch -> tensors (ragged object columns such as ``seen`` stay numpy)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            v = v if v.flags.writeable else v.copy()  # Ray hands out read-only views
+            out[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        else:
+            out[k] = v
+    return out
+
+
+class RayContext:
+    """Data and reporting through Ray Train."""
+
+    def __init__(self):
+        import ray.train
+        self.train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def batches(self, split: str, batch_size: int, seed: int | None = None):
+        # Training: this rank's own dataset (users with user % world == rank, globally shuffled with a
+        # fixed seed; see launch.run_training), so the stream is the same in every run.
+        name = f"{split}_{self.rank}" if split == "train" else split
+        shard = self.train.get_dataset_shard(name)
+        kw = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kw)
+
+    def get_checkpoint(self):
+        return self.train.get_checkpoint()
+
+    def report(self, metrics: dict, ckpt_dir: str | None):
+        from ray.train import Checkpoint
+        self.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+
+class LocalContext:
+    """World size 1, no Ray: the same samples from the local shards (and the same tokenisation)."""
+
+    def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path, windows: bool = False,
+                 holdout: int = 0, targets: int = 0):
+        self.rank, self.world = 0, 1
+        self.windows, self.holdout, self.targets = windows, holdout, targets
+        self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir
+
+    def batches(self, split: str, batch_size: int, seed: int | None = None):
+        from idle_ray.data.pipeline import local_numpy_reader
+        d = self.cfg.data
+        targets = self.targets if split == "train" else 0
+        holdout = self.holdout if split == "train" else 0
+        blocks = list(local_numpy_reader(self.prepared, split, d.max_history, targets, windows=self.windows,
+                                         holdout=holdout))
+        block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]} if blocks else {}
+        n = len(block.get("target", ()))
+        order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)  # global shuffle
+        for lo in range(0, n, batch_size):
+            idx = order[lo:lo + batch_size]
+            b = {k: v[idx] for k, v in block.items()}
+            yield self.stage(b) if self.stage else b
+
+    def get_checkpoint(self):
+        return None
+
+    def report(self, metrics: dict, ckpt_dir: str | None):
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+        if ckpt_dir:
+            dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}"
+            shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)

@@ -1,0 +1,93 @@
+"""Resume: rank 0 chooses the checkpoint (the newest readable), every rank loads that one, and a rank
+that cannot load it raises instead of resuming from another (two gloo processes, a fake engine)."""
+import json
+import os
+import socket
+import warnings
+
+import pytest
+import torch.multiprocessing as mp
+
+from idle_ray.train.checkpoints import CKPT_META, DS_TAG, try_restore
+
+
+class FakeEngine:
+    def __init__(self):
+        self.loaded = None
+
+    def load_checkpoint(self, d, **kw):
+        self.loaded = json.loads(open(os.path.join(d, CKPT_META)).read())["epoch"]
+
+
+class Ctx:
+    def __init__(self, rank, world, latest):
+        self.rank, self.world, self.latest = rank, world, latest
+
+    def get_checkpoint(self):
+        return self.latest
+
+
+def make_run(root, corrupt_latest: bool) -> str:
+    """A run folder with checkpoints of epochs 1 and 2 (Ray names sort oldest first)."""
+    run = root / "run"
+    for epoch in (1, 2):
+        d = run / f"checkpoint_00000{epoch}"
+        (d / DS_TAG).mkdir(parents=True)
+        (d / CKPT_META).write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
+    if corrupt_latest:
+        (run / "checkpoint_000002" / CKPT_META).write_text("{ not json")
+    return str(run)
+
+
+def restore(rank, world, run, best_keep):
+    from ray.train import Checkpoint
+    engine = FakeEngine()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = try_restore(engine, Ctx(rank, world, Checkpoint(os.path.join(run, "checkpoint_000002"))), run,
+                            best_keep)
+    return engine.loaded, state["resumes"], [str(w.message) for w in caught]
+
+
+def test_one_rank_falls_back_to_the_older_checkpoint(tmp_path):
+    run = make_run(tmp_path, corrupt_latest=True)
+    loaded, resumes, warned = restore(0, 1, run, str(tmp_path / "best"))
+    assert loaded == 1 and resumes == [{"epoch": 1, "step": 10, "fallback": True}]
+    assert any("could not be loaded (JSONDecodeError" in w for w in warned)
+    assert any(w.startswith(f"latest checkpoint {run}/checkpoint_000002 is unreadable; resumed from the older")
+               for w in warned)
+
+
+def _rank(rank, world, port, run, out, rank1_breaks):
+    import ray.train  # noqa: F401 - imported before json.load is broken below
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if rank == 1 and rank1_breaks:  # rank 1's first read fails (transient), where rank 0's does not
+            real_load = json.load
+
+            def load_once_broken(f):
+                json.load = real_load
+                raise OSError("transient read error")
+            json.load = load_once_broken
+        result = restore(rank, world, run, os.path.join(out, f"best{rank}"))[:2]
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        result = repr(e)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rank1_breaks", [False, True])
+def test_ranks_resume_from_the_checkpoint_rank0_chose(tmp_path, rank1_breaks):
+    run = make_run(tmp_path, corrupt_latest=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(2, port, run, str(tmp_path), rank1_breaks), nprocs=2, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0] == [2, [{"epoch": 2, "step": 20, "fallback": False}]]
+    if rank1_breaks:  # no silent fallback to epoch 1 on rank 1
+        assert "transient read error" in got[1]
+    else:
+        assert got[1] == got[0]
