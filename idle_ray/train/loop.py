@@ -55,7 +55,8 @@ def validate_before_training(engine, model, ctx, cfg: ExperimentConfig, device, 
     val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
                          max_users=cfg.train.eval_max_users)
     state.update(best=val.get("ndcg@10", 0.0), best_epoch=0, best_step=0)
-    state["history"].append({"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}})
+    # Kept apart from "history" (the reported epochs, which a restored Tune trial re-reports).
+    state["start"] = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}}
     initial = trainable_state(engine, model)  # collective under ZeRO-3: every rank
     if ctx.rank == 0:
         from safetensors.torch import save_file
