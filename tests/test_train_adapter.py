@@ -53,6 +53,10 @@ def test_zero_stage_trains_and_resumes(id_artifact, stage):
     w1 = load_file(str(Path(r1.checkpoint.path) / "trainable.safetensors"))
     assert w1 and all(is_trainable(k) for k in w1)  # the checkpoint holds the adapter only
     assert not any(k.startswith(("llm.", "id_model.")) for k in w1)
+    # score fusion: validated before the first update (the ID model's ranking), then selected on validation
+    s1 = json.loads((Path(r1.checkpoint.path) / "train_state.json").read_text())
+    assert s1["start"]["step"] == 0 and s1["start"]["val_users"] == prepared.manifest["num_users"]
+    assert [h["epoch"] for h in s1["history"]] == [1] and s1["best_step"] in (0, r1.metrics["step"])
     r2 = run_training(adapter_cfg(tmp, **{"train.zero_stage": stage, "train.epochs": 2}), prepared, task="adapter",
                       run_name=name, id_artifact=artifact)
     assert r2.error is None and r2.metrics["epoch"] == 2 and r2.metrics["step"] == 2 * r1.metrics["step"]
