@@ -104,3 +104,15 @@ def test_llm_only_beats_chance(backbone):
     train(model, encoder)
     learned = hr_at_top(model, encoder, hist, target)
     assert learned > chance + 0.25 and learned > before + 0.2, (learned, before, chance)
+
+
+def test_fusion_step0_equals_id_model_on_real_smollm2(tmp_path):
+    """The real backbone (SmolLM2-135M, de-quantised into an empty cache folder): at step 0 the fused
+    IDLE scores are the ID model's own, to 1e-5, through all 30 layers' injections."""
+    bb = load_backbone("smollm2-135m", cache_dir=str(tmp_path))
+    model, encoder = build(bb, "idle")
+    hist, _ = samples(8, seed=3)
+    with torch.no_grad():
+        ours = model.full_sort_predict(encoder({"history": hist}))
+        theirs = model.id_model.full_sort_predict(torch.as_tensor(hist))
+    assert torch.isinf(ours[:, 0]).all() and torch.allclose(ours[:, 1:], theirs[:, 1:], atol=1e-5)
