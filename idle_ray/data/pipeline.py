@@ -92,30 +92,38 @@ def split_datasets(prepared: PreparedDataset, max_history: int, targets_per_user
     return {s: split_dataset(prepared, s, max_history, targets_per_user, **kwargs) for s in splits}
 
 
-def _sequence_lengths(prepared: PreparedDataset, rank: int = 0, world: int = 1):
+def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
+                  windows: bool = False, holdout: int = 0, world: int = 1) -> list[int]:
+    """Samples a split yields for each rank's users (``user % world == rank``), ranks ``0..world-1``:
+    the manifest's count when it applies, else recomputed from one read of the sequence lengths."""
     import numpy as np
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    table = pq.read_table(prepared.sequences_dir, columns=["user", "items"])
-    lengths = np.asarray(pc.list_value_length(table["items"]))
-    return lengths if world == 1 else lengths[np.asarray(table["user"]) % world == rank]
 
-
-def sample_count(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                 windows: bool = False, holdout: int = 0, rank: int = 0, world: int = 1) -> int:
-    """Samples a split yields (for the users ``user % world == rank``): the manifest's count, or
-    recomputed from the sequence lengths."""
     from idle_ray.data.prepare import train_sample_count
     from idle_ray.data.samples import window_count
     plain = not windows and not holdout and targets_per_user == prepared.manifest["train_targets_per_user"]
     if world == 1 and (split != "train" or plain):
-        return int(prepared.manifest["splits"][split])
-    lengths = _sequence_lengths(prepared, rank, world)
-    if split != "train":
-        return int(len(lengths))
-    if windows:
-        return window_count(lengths, max_history, holdout)
-    return train_sample_count(lengths - holdout, targets_per_user)
+        return [int(prepared.manifest["splits"][split])]
+    table = pq.read_table(prepared.sequences_dir, columns=["user", "items"])
+    all_lengths = np.asarray(pc.list_value_length(table["items"]))
+    shares = np.asarray(table["user"]) % world
+    counts = []
+    for rank in range(world):
+        lengths = all_lengths[shares == rank]
+        if split != "train":
+            counts.append(int(len(lengths)))
+        elif windows:
+            counts.append(window_count(lengths, max_history, holdout))
+        else:
+            counts.append(train_sample_count(lengths - holdout, targets_per_user))
+    return counts
+
+
+def sample_count(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
+                 windows: bool = False, holdout: int = 0, rank: int = 0, world: int = 1) -> int:
+    """Samples a split yields for the users ``user % world == rank`` (see :func:`sample_counts`)."""
+    return sample_counts(prepared, split, max_history, targets_per_user, windows, holdout, world)[rank]
 
 
 def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,

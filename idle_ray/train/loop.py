@@ -22,13 +22,12 @@ def tb_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-def train_rows(cfg: ExperimentConfig, prepared, pretrain: bool, rank: int = 0, world: int = 1) -> int:
-    """Training samples of rank ``rank``'s share (users ``user % world == rank``)."""
-    from idle_ray.data.pipeline import sample_count
+def train_rows(cfg: ExperimentConfig, prepared, pretrain: bool, world: int = 1) -> list[int]:
+    """Training samples of each rank's share (users ``user % world == rank``), ranks ``0..world-1``."""
+    from idle_ray.data.pipeline import sample_counts
     windows = pretrain and cfg.pretrain.sample_mode == "window"
-    return sample_count(prepared, "train", cfg.data.max_history, 0 if pretrain else cfg.data.train_targets_per_user,
-                        windows=windows, holdout=cfg.pretrain.holdout_targets if pretrain else 0,
-                        rank=rank, world=world)
+    return sample_counts(prepared, "train", cfg.data.max_history, 0 if pretrain else cfg.data.train_targets_per_user,
+                         windows=windows, holdout=cfg.pretrain.holdout_targets if pretrain else 0, world=world)
 
 
 def in_step(batches, world: int, device):
@@ -103,8 +102,8 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
     device = worker_device(cfg)
     batch_size = hp.batch_size if not pretrain else max(1, hp.batch_size // ctx.world)
     epochs = hp.epochs
-    steps_per_epoch = math.ceil(min(train_rows(cfg, prepared, pretrain, r, ctx.world) for r in range(ctx.world))
-                                / batch_size)  # every rank stops when the smallest share is used up
+    # every rank stops when the smallest share is used up
+    steps_per_epoch = math.ceil(min(train_rows(cfg, prepared, pretrain, ctx.world)) / batch_size)
     total_steps = steps_per_epoch * epochs if not tr.max_steps else min(tr.max_steps, steps_per_epoch * epochs)
     engine = make_engine(model, cfg, device, pretrain, batch_size, total_steps=total_steps)
 
