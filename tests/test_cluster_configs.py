@@ -177,7 +177,7 @@ def test_launcher_pins_the_installed_ray_and_installs_the_project(path):
     assert images
     for image in images:
         assert image.startswith(f"rayproject/ray:{ray.__version__}-py311"), image
-    assert f"ray[default,train,tune,data]=={ray.__version__}" in _requirements()
+    assert f"ray[default,train,tune,data,serve]=={ray.__version__}" in _requirements()
     mounts = cfg["file_mounts"]
     assert any(local == "requirements.txt" for local in mounts.values())
     assert any("pip install" in c and "requirements.txt" in c for c in cfg["setup_commands"])

@@ -19,18 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tiny_jobs import run_job, write_tiny_config, write_tiny_data
+from tiny_jobs import run_job, train_tiny, write_tiny_config, write_tiny_data
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(work folder, config path, the train job's result record)."""
     work = tmp_path_factory.mktemp("evaluate")
-    inter, items = write_tiny_data(work)
-    config = write_tiny_config(work / "tiny.yaml", inter, items, work, str(work / "runs"))
-    r = run_job("train.py", "--config", config, "--output", work / "train.json", cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return work, config, json.loads((work / "train.json").read_text())
+    return (work, *train_tiny(work))
 
 
 def evaluate_inputs(config, *sets, **kw) -> str:

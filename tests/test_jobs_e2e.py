@@ -25,7 +25,7 @@ def test_main_job_end_to_end(tmp_path):
             "adapter.projection_width": 16, "adapter.refine_bottleneck": 8, "train.batch_size": 8,
             "train.storage_path": tmp_path / "runs", "train.log_every": 2}
     cmd = [sys.executable, str(ROOT / "jobs/main.py"), "--config", str(ROOT / "configs/main_ml100k.yaml"),
-           "--out", str(tmp_path / "results")]
+           "--out", str(tmp_path / "results"), "--variants", "id_only_all,id_only,llm_only,idle"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)

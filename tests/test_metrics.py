@@ -56,6 +56,7 @@ def test_ranking_metrics_hand_case():
         "ndcg@10": (1 / math.log2(5) + 1) / 4,
         "ndcg@20": (1 / math.log2(5) + 1 + 1 / math.log2(14)) / 4,
         "mrr": (1 / 4 + 1 + 1 / 13 + 1 / 26) / 4,
+        "mrr@10": (1 / 4 + 1) / 4,
     }
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
@@ -152,7 +153,7 @@ def test_candidate_ranks_and_llara_hr_at_1():
 
 
 def test_protocol_ranks_llara_uses_sampled_candidates():
-    assert NUM_NEGATIVES == {"full": None, "sampled": 99, "llara": 19}
+    assert NUM_NEGATIVES == {"full": None, "unmasked": None, "sampled": 99, "llara": 19}
     num_items = 50
     scores = torch.arange(num_items + 1, dtype=torch.float32).repeat(2, 1)  # item i scores i
     scores[:, 0] = NEG_INF

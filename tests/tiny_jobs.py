@@ -49,3 +49,13 @@ def run_job(script: str, *args, cwd: Path, env: dict | None = None, timeout: flo
     """``python jobs/<script> ARGS`` as a user runs it (embedded Ray), output captured."""
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def train_tiny(work: Path, **sections) -> tuple[Path, dict]:
+    """A real ``jobs/train.py`` run on the tiny data in ``work``: (config path, its result record)."""
+    import json
+    inter, items = write_tiny_data(work)
+    config = write_tiny_config(work / "tiny.yaml", inter, items, work, str(work / "runs"), **sections)
+    r = run_job("train.py", "--config", config, "--output", work / "train.json", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return config, json.loads((work / "train.json").read_text())

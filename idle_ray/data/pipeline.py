@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idle_ray.data.prepare import PreparedDataset
-from idle_ray.data.samples import SPLITS, build_samples
+from idle_ray.data.samples import ALL_SPLITS, SPLITS, build_samples
 
 if TYPE_CHECKING:
     import ray.data
@@ -26,7 +26,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
                   shuffle: bool | None = None, passes: int = 1, windows: bool = False,
                   max_user: int = 0, seed: int | None = None, holdout: int = 0, rank: int = 0,
-                  world: int = 1) -> ray.data.Dataset:
+                  world: int = 1, users=None) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
     ``extra_stage``: ``(function, kwargs)`` applied after windowing (e.g. prompt tokenisation).
@@ -38,12 +38,14 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     in every run.
     ``rank``/``world``: only the users with ``user % world == rank`` (a worker's deterministic
     share: one dataset per rank). ``holdout``: the last training targets left out (pre-training on
-    out-of-sample targets for the adapter). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs).
+    out-of-sample targets for the adapter). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs);
+    ``users`` (dense ids) keeps only those. ``split="next"``: the whole sequence as history, for
+    recommendations.
     """
     import ray.data  # here, not at module level: the standalone worker reads shards without Ray
 
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in ALL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {ALL_SPLITS}")
     files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
     shuffle = shuffle if shuffle is not None else split == "train"
     # Pre-training windows (many epochs; an all-to-all shuffle per epoch costs Ray tasks and worker
@@ -73,7 +75,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(build_samples, fn_kwargs={
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows,
-        "max_user": max_user, "holdout": holdout, "rank": rank, "world": world},
+        "max_user": max_user, "holdout": holdout, "rank": rank, "world": world, "users": users},
         batch_format="pyarrow", batch_size=batch_size, num_cpus=DATA_CPUS)
     if shuffle and seed is not None and not windows:
         ds = ds.random_shuffle(seed=seed, num_cpus=DATA_CPUS)

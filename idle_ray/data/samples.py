@@ -4,7 +4,8 @@ For a user sequence ``s`` of length ``n`` (chronological, dense item ids):
 
 * ``train``: targets at positions ``1 .. n-3`` (one sample per target position, RecBole-style
   prefix augmentation), or only the last ``targets_per_user`` of them;
-* ``valid``: target ``s[n-2]``;  ``test``: target ``s[n-1]``.
+* ``valid``: target ``s[n-2]``;  ``test``: target ``s[n-1]``;
+* ``next``: the whole sequence as history, no target (``target`` 0): what to recommend next.
 
 Each sample: ``user`` int32, ``history`` int32 ``(max_history,)`` left-padded with 0 (most
 recent item in the last column), ``history_len`` int32, ``target`` int32, and for valid/test
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 SPLITS = ("train", "valid", "test")
+ALL_SPLITS = SPLITS + ("next",)  # "next": recommendations after the last item (no target)
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:
@@ -40,8 +42,10 @@ def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0,
         return np.arange(len(starts)), starts + lengths - 2
     if split == "test":
         return np.arange(len(starts)), starts + lengths - 1
+    if split == "next":  # one past the last item: the history is the whole sequence
+        return np.arange(len(starts)), starts + lengths
     if split != "train":
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise ValueError(f"unknown split {split!r}; expected one of {ALL_SPLITS}")
     first = np.ones_like(lengths)  # position 0 has no history
     last = lengths - 3 - holdout  # inclusive
     if targets_per_user > 0:
@@ -65,7 +69,7 @@ def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
         "user": np.asarray(users, dtype=np.int32)[rows],
         "history": history,
         "history_len": valid.sum(1).astype(np.int32),
-        "target": values[tpos].astype(np.int32),
+        "target": (np.zeros(len(tpos)) if split == "next" else values[tpos]).astype(np.int32),
     }
     if split != "train":
         out["seen"] = np.array([values[s:t] for s, t in zip(user_start, tpos)] + [None], dtype=object)[:-1]
@@ -106,15 +110,17 @@ def window_count(lengths: np.ndarray, max_history: int, holdout: int = 0) -> int
 
 def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0,
                   windows: bool = False, max_user: int = 0, holdout: int = 0, rank: int = 0,
-                  world: int = 1) -> dict[str, np.ndarray]:
+                  world: int = 1, users: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point.
 
     ``windows=True`` (train split only): :func:`make_windows` instead of prefix samples.
     ``max_user > 0``: only users ``1..max_user`` (smoke runs on a few users). ``world > 1``: only
     the users with ``user % world == rank`` (a training worker's deterministic share).
-    ``holdout``: see :func:`target_positions` (train split only).
+    ``holdout``: see :func:`target_positions` (train split only). ``users``: only these dense user ids.
     """
     import pyarrow.compute as pc
+    if users is not None:
+        batch = batch.filter(pc.is_in(batch.column("user"), value_set=pa.array(users, pa.int32())))
     if max_user > 0:
         batch = batch.filter(pc.less_equal(batch.column("user"), max_user))
     if world > 1:

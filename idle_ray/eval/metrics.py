@@ -3,7 +3,8 @@
 Ranks are 0-based: rank 0 means the target scored above every other candidate. Ties are
 pessimistic: every other candidate whose score is >= the target's (or is NaN) ranks above it,
 so a constant or broken model never looks good. With one relevant item:
-``HR@k = [rank < k]``, ``NDCG@k = [rank < k] / log2(rank + 2)``, ``MRR = 1 / (rank + 1)``.
+``HR@k = [rank < k]``, ``NDCG@k = [rank < k] / log2(rank + 2)``, ``MRR = 1 / (rank + 1)``,
+``MRR@k = [rank < k] / (rank + 1)`` (RecBole's MRR@10).
 
 Evaluation is distributed, so metrics travel as sums: ``metric_sums`` per batch (float64, plus
 ``count``), ``merge_sums`` across batches and workers (plain addition, so the result does not
@@ -20,6 +21,7 @@ from torch import Tensor
 PAD_ID = 0
 HR_KS = (1, 5, 10, 20)
 NDCG_KS = (5, 10, 20)
+MRR_KS = (10,)
 
 
 def target_ranks(scores: Tensor, target: Tensor, exclude: Tensor | None = None) -> Tensor:
@@ -46,7 +48,7 @@ def target_ranks(scores: Tensor, target: Tensor, exclude: Tensor | None = None) 
 
 def per_user_metrics(ranks: Tensor | np.ndarray, ks_hr: Iterable[int] = HR_KS,
                      ks_ndcg: Iterable[int] = NDCG_KS) -> dict[str, np.ndarray]:
-    """Each metric per user: ``{"hr@k" | "ndcg@k" | "mrr": (B,) float64}`` from ``ranks`` (B,)."""
+    """Each metric per user: ``{"hr@k" | "ndcg@k" | "mrr" | "mrr@10": (B,) float64}`` from ``ranks`` (B,)."""
     if isinstance(ranks, Tensor):
         ranks = ranks.detach().cpu().numpy()
     ranks = np.asarray(ranks, dtype=np.float64).reshape(-1)
@@ -54,6 +56,7 @@ def per_user_metrics(ranks: Tensor | np.ndarray, ks_hr: Iterable[int] = HR_KS,
     discount = 1.0 / np.log2(ranks + 2.0)
     out.update({f"ndcg@{k}": np.where(ranks < k, discount, 0.0) for k in ks_ndcg})
     out["mrr"] = 1.0 / (ranks + 1.0)
+    out.update({f"mrr@{k}": np.where(ranks < k, out["mrr"], 0.0) for k in MRR_KS})
     return out
 
 

@@ -2,6 +2,8 @@
 
 - ``full``: all items 1..N, the user's earlier items excluded (the target never is). The
   protocol we select and report on.
+- ``unmasked``: all items 1..N, nothing excluded (RecBole 1.2.1's rule for sequential models:
+  earlier items stay rankable), for comparison with RecBole's published benchmarks.
 - ``sampled``: the target + 99 negatives (common in older papers; for comparability only).
 - ``llara``: the target + 19 negatives, reported as HR@1 (the LLaRA paper's protocol).
 
@@ -20,12 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from idle_ray.eval.metrics import HR_KS, NDCG_KS, target_ranks
+from idle_ray.eval.metrics import HR_KS, MRR_KS, NDCG_KS, target_ranks
 
-NUM_NEGATIVES: dict[str, int | None] = {"full": None, "sampled": 99, "llara": 19}
+NUM_NEGATIVES: dict[str, int | None] = {"full": None, "unmasked": None, "sampled": 99, "llara": 19}
 # metrics worth reporting per protocol (with 20 candidates, HR@20 is always 1)
 REPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "full": tuple(f"hr@{k}" for k in HR_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",),
+    "unmasked": tuple(f"hr@{k}" for k in HR_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",)
+    + tuple(f"mrr@{k}" for k in MRR_KS),
     "sampled": tuple(f"hr@{k}" for k in HR_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("mrr",),
     "llara": ("hr@1",),
 }
@@ -135,6 +139,8 @@ def protocol_ranks(
         raise ValueError(f"unknown protocol {protocol!r}; choices: {', '.join(NUM_NEGATIVES)}")
     num_items = scores.size(1) - 1
     num_negatives = NUM_NEGATIVES[protocol]
+    if protocol == "unmasked":
+        return target_ranks(scores, targets)
     if num_negatives is None:
         return target_ranks(scores, targets, exclusion_mask(histories, num_items, scores.device))
     if user_ids is None:

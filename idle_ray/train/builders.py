@@ -155,7 +155,8 @@ def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
     return prepare_dataset(d.dataset, d.output_dir, path=d.path, items_path=d.items_path,
                            min_user_interactions=d.min_user_interactions,
                            min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
-                           train_targets_per_user=d.train_targets_per_user, log=log)
+                           train_targets_per_user=d.train_targets_per_user, min_rating=d.min_rating,
+                           columns=vars(d.columns), log=log)
 
 
 def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:

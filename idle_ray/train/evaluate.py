@@ -19,6 +19,22 @@ from idle_ray.eval.metrics import finalize, metric_sums
 from idle_ray.results.records import ranks_entry
 
 
+def scoring_model(cfg: ExperimentConfig, prepared, kind: str, weights: str | None, id_artifact: str | None):
+    """The model that scores users, in eval mode: ``kind`` "id_model" (the artifact) or "adapter"
+    (the config's variant: frozen parts from their sources, trainable weights from ``weights``)."""
+    from idle_ray.train import builders
+    if kind == "id_model":
+        from idle_ray.models.artifact import load_id_artifact
+        model, _ = load_id_artifact(id_artifact, prepared.manifest["vocab_fingerprint"])
+        model = builders.IDModelTask(model)
+    else:
+        model = builders.build_adapter_task(cfg, prepared, id_artifact)
+        if weights:
+            from idle_ray.train.weights import load_weights
+            model.load_adapter_state_dict(load_weights(weights))
+    return model.eval()
+
+
 class Scorer:
     """``map_batches`` actor: samples -> ``{user, rank_<protocol>...}``."""
 
@@ -27,20 +43,9 @@ class Scorer:
         import torch
 
         from idle_ray.data.prepare import load_prepared
-        from idle_ray.train import builders
         torch.set_num_threads(threads)
-        cfg = experiment_from_dict(experiment)
-        ds = load_prepared(prepared)
-        if kind == "id_model":
-            from idle_ray.models.artifact import load_id_artifact
-            model, _ = load_id_artifact(id_artifact, ds.manifest["vocab_fingerprint"])
-            self.model = builders.IDModelTask(model)
-        else:
-            self.model = builders.build_adapter_task(cfg, ds, id_artifact)
-            if weights:
-                from idle_ray.train.weights import load_weights
-                self.model.load_adapter_state_dict(load_weights(weights))
-        self.model.eval()
+        self.model = scoring_model(experiment_from_dict(experiment), load_prepared(prepared), kind, weights,
+                                   id_artifact)
         self.protocols, self.seed = protocols, seed
 
     def __call__(self, batch: dict) -> dict:

@@ -47,20 +47,35 @@ def in_step(batches, world: int, device):
         yield batch
 
 
+def validation_protocols(cfg: ExperimentConfig) -> list[str]:
+    """``full`` always (the reported ``val_*`` metrics), plus ``eval.select_protocol`` when it differs."""
+    return ["full"] + ([cfg.eval.select_protocol] if cfg.eval.select_protocol != "full" else [])
+
+
+def selection_score(cfg: ExperimentConfig, val: dict) -> float:
+    """Validation NDCG@10 under ``eval.select_protocol``: what early stopping and selection compare."""
+    key = "ndcg@10" if cfg.eval.select_protocol == "full" else f"{cfg.eval.select_protocol}_ndcg@10"
+    return val.get(key, 0.0)
+
+
+def selection_label(cfg: ExperimentConfig) -> str:
+    return "" if cfg.eval.select_protocol == "full" else f" ({cfg.eval.select_protocol})"
+
+
 def validate_before_training(engine, model, ctx, cfg: ExperimentConfig, device, state: dict, best_keep: str,
                              weights_meta: dict[str, str]) -> None:
     """Validation before the first update: with score fusion this is the ID model's own ranking,
     which selection keeps (its weights become the best so far) when training does not beat it."""
-    val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
-                         max_users=cfg.train.eval_max_users)
-    state.update(best=val.get("ndcg@10", 0.0), best_epoch=0, best_step=0)
+    val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, validation_protocols(cfg), cfg.seed,
+                         device, max_users=cfg.train.eval_max_users)
+    state.update(best=selection_score(cfg, val), best_epoch=0, best_step=0)
     # Kept apart from "history" (the reported epochs, which a restored Tune trial re-reports).
     state["start"] = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in val.items()}}
     initial = trainable_state(engine, model)  # collective under ZeRO-3: every rank
     if ctx.rank == 0:
         from safetensors.torch import save_file
         save_file(initial, best_keep, metadata=weights_meta)
-        print(f"[eval] epoch 0 (before training) val ndcg@10 {state['best']:.4f} hr@10 "
+        print(f"[eval] epoch 0 (before training) val ndcg@10 {state['best']:.4f}{selection_label(cfg)} hr@10 "
               f"{val.get('hr@10', 0):.4f}", flush=True)
 
 
@@ -160,9 +175,9 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
                 done = True
                 break
         state["epoch"] += 1
-        val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, ["full"], cfg.seed, device,
-                             max_users=tr.eval_max_users if not pretrain else 0)
-        score = val.get("ndcg@10", 0.0)
+        val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, validation_protocols(cfg), cfg.seed,
+                             device, max_users=tr.eval_max_users if not pretrain else 0)
+        score = selection_score(cfg, val)
         improved = score > state["best"]
         if improved:
             state.update(best=score, best_epoch=state["epoch"], best_step=state["step"], bad_epochs=0)
@@ -179,7 +194,7 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
             tb.flush()
             tb_dir.sync()
         if ctx.rank == 0:
-            print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f} hr@10 {val.get('hr@10', 0):.4f} "
+            print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f}{selection_label(cfg)} hr@10 {val.get('hr@10', 0):.4f} "
                   f"(best {state['best']:.4f} @ {state['best_epoch']})", flush=True)
         # Checkpoint: every epoch (resume) and the best weights (selection on validation).
         ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta)
