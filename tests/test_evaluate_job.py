@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tiny_jobs import run_job, train_tiny, write_tiny_config, write_tiny_data
+from tiny_jobs import run_job, train_tiny, write_tiny_data
 
 
 @pytest.fixture(scope="module")
