@@ -181,6 +181,8 @@ def _start_head(log_path: Path):
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray",
            "start", "--head", "--block",
+           # loopback only: nothing of the test head is reachable from other machines
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--port={gcs_port}", f"--dashboard-port={dash_port}",
            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
            "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
