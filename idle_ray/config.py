@@ -89,6 +89,10 @@ class PretrainConfig:
     holdout_targets: int = _f(0, "Out-of-sample ID states (DESIGN 5c): pre-train without each user's last N "
                               "training targets, so the adapter (data.train_targets_per_user = N) learns from "
                               "targets the ID model never saw. 0: pre-train on every training target.", min=0)
+    init_artifact: str = _f("", "Start from this ID-model artifact's weights instead of a random init (a refit).")
+    refit_epochs: int = _f(3, "With holdout_targets > 0, the 'idle_refit' row of jobs/main.py tests the trained "
+                           "adapter on its base fine-tuned on every training target (from the held-out weights, "
+                           "so the embedding space stays the adapter's) for at most this many epochs.", min=1)
 
 
 @dataclass

@@ -6,7 +6,9 @@ files come from :mod:`idle_ray.results`, so a record per (row, seed) is all this
 Rows (``variants``): ``id_only_all`` — the ID model pre-trained on every training target (the
 strongest ID baseline); ``id_only`` — the adapter's own base, pre-trained without each user's last
 ``pretrain.holdout_targets`` training targets (out-of-sample states for the adapter, DESIGN §5c);
-``llm_only``, ``llara``, ``idle`` and the ablations ``idle_no_fusion`` (the paper's head, no score
+``llm_only``, ``llara``, ``idle``; ``idle_refit`` — the same trained adapter tested on its base
+fine-tuned on every training target from the held-out weights (``pretrain.refit_epochs``; its
+validation on every user is recorded beside the base's, so validation decides which to use); and the ablations ``idle_no_fusion`` (the paper's head, no score
 fusion), ``idle_no_refine``, ``idle_no_mmd``. The comparison is IDLE against the best baseline row
 (by mean over seeds), per user and paired: a bootstrap interval of the mean difference with each
 user's metric averaged over the seeds.
@@ -19,7 +21,7 @@ import time
 
 import numpy as np
 
-from idle_ray.config import ExperimentConfig, config_hash
+from idle_ray.config import ConfigError, ExperimentConfig, config_hash
 from idle_ray.results.files import write_json, write_text
 from idle_ray.results.plots import bar_plot
 from idle_ray.results.records import user_metric
@@ -34,6 +36,7 @@ ROWS = {"id_only_all": ("id_only", {}, "ID model (all targets)"),
         "llm_only": ("llm_only", {}, "LLM-only"),
         "llara": ("llara", {}, "LLaRA-style"),
         "idle": ("idle", {}, "IDLE-Adapter"),
+        "idle_refit": ("idle", {}, "IDLE-Adapter, refit base"),
         "idle_no_fusion": ("idle", {"fusion": "none"}, "IDLE w/o fusion"),
         "idle_no_refine": ("idle_no_refine", {}, "IDLE w/o refinement"),
         "idle_no_mmd": ("idle_no_mmd", {}, "IDLE w/o MMD")}
@@ -47,21 +50,40 @@ def row_config(cfg: ExperimentConfig, row: str) -> ExperimentConfig:
     return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, variant=variant, **overrides))
 
 
+def sibling_artifact(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
+    """``cfg`` for a second ID model beside the base: with an explicit ``id_model.artifact`` folder, the
+    folder ``<artifact>-<suffix>`` (else the base would be reused for it); otherwise unchanged (the
+    derived folder name already differs by the pre-training settings)."""
+    if not cfg.id_model.artifact:
+        return cfg
+    return dataclasses.replace(cfg, id_model=dataclasses.replace(
+        cfg.id_model, artifact=f"{cfg.id_model.artifact.rstrip('/')}-{suffix}"))
+
+
 def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
     """Every row for ``cfg.seed``: pre-train the ID model(s) (reused when present), train and test each."""
     from idle_ray.train.runs import pretrain, train_and_test
 
     t0 = time.time()
     artifact, _ = pretrain(cfg, prepared, log=log)
-    artifact_all = artifact
+    artifact_all = artifact_refit = artifact
     if "id_only_all" in rows and cfg.pretrain.holdout_targets:
-        cfg_all = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, holdout_targets=0))
+        cfg_all = sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, holdout_targets=0)),
+                                   "all")
         artifact_all, _ = pretrain(cfg_all, prepared, log=log)
+    if "idle_refit" in rows:
+        if not cfg.pretrain.holdout_targets:
+            raise ConfigError("row idle_refit refits the adapter's held-out base: set pretrain.holdout_targets > 0")
+        cfg_refit = sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(
+            cfg.pretrain, holdout_targets=0, init_artifact=artifact, epochs=cfg.pretrain.refit_epochs)),
+            f"refit{cfg.pretrain.refit_epochs}")
+        artifact_refit, _ = pretrain(cfg_refit, prepared, log=log)
     log(f"[main] seed {cfg.seed}: ID model(s) ready ({time.time() - t0:.0f} s)")
     records = []
     for row in rows:
         t = time.time()
-        rec = train_and_test(row_config(cfg, row), prepared, artifact_all if row == "id_only_all" else artifact, log=log)
+        rec = train_and_test(row_config(cfg, row), prepared, artifact_all if row == "id_only_all" else artifact,
+                             test_artifact=artifact_refit if row == "idle_refit" else None, log=log)
         rec.update(row=row, seconds=round(time.time() - t, 1))
         records.append(rec)
         log(f"[main] seed {cfg.seed} {row} done in {rec['seconds']:.0f} s: " +
@@ -82,26 +104,29 @@ def comparison(records: list[dict], resamples: int = 10_000) -> list[dict]:
     """IDLE minus the best baseline row on each of ``COMPARED``: ratio of means and a paired bootstrap."""
     present = {r["row"] for r in records}
     out = []
-    if "idle" not in present:
-        return out
-    for metric in COMPARED:
-        means = {row: float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == row]))
-                 for row in BASELINES if row in present}
-        if not means:
+    for candidate in ("idle", "idle_refit"):
+        if candidate not in present:
             continue
-        best = max(means, key=means.get)
-        idle = float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == "idle"]))
-        diff, lo, hi = paired_bootstrap(seed_averaged(records, "idle", metric), seed_averaged(records, best, metric),
-                                        resamples=resamples)
-        out.append({"metric": metric, "baseline": best, "idle": idle, "baseline_value": means[best],
-                    "ratio": idle / means[best] if means[best] else float("nan"), "diff": diff, "lo": lo, "hi": hi})
+        for metric in COMPARED:
+            means = {row: float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == row]))
+                     for row in BASELINES if row in present}
+            if not means:
+                continue
+            best = max(means, key=means.get)
+            idle = float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == candidate]))
+            diff, lo, hi = paired_bootstrap(seed_averaged(records, candidate, metric),
+                                            seed_averaged(records, best, metric), resamples=resamples)
+            out.append({"row": candidate, "metric": metric, "baseline": best, "idle": idle,
+                        "baseline_value": means[best], "ratio": idle / means[best] if means[best] else float("nan"),
+                        "diff": diff, "lo": lo, "hi": hi})
     return out
 
 
 def comparison_table(rows: list[dict]) -> str:
-    body = [[c["metric"].upper(), ROWS[c["baseline"]][2], f"{c['idle']:.4f}", f"{c['baseline_value']:.4f}",
-             f"{c['ratio']:.3f}x", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"] for c in rows]
-    return "\n".join(markdown_table(["metric", "best baseline", "IDLE", "baseline", "IDLE / baseline",
+    body = [[ROWS[c["row"]][2], c["metric"].upper(), ROWS[c["baseline"]][2], f"{c['idle']:.4f}",
+             f"{c['baseline_value']:.4f}", f"{c['ratio']:.3f}x", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"]
+            for c in rows]
+    return "\n".join(markdown_table(["row", "metric", "best baseline", "IDLE", "baseline", "IDLE / baseline",
                                      "IDLE − baseline, paired bootstrap 95% (users, 10,000 resamples)"], body))
 
 

@@ -25,14 +25,21 @@ def test_main_job_end_to_end(tmp_path):
             "adapter.projection_width": 16, "adapter.refine_bottleneck": 8, "train.batch_size": 8,
             "train.storage_path": tmp_path / "runs", "train.log_every": 2}
     cmd = [sys.executable, str(ROOT / "jobs/main.py"), "--config", str(ROOT / "configs/main_ml100k.yaml"),
-           "--out", str(tmp_path / "results"), "--variants", "id_only_all,id_only,llm_only,idle"]
+           "--out", str(tmp_path / "results"), "--variants", "id_only_all,id_only,llm_only,idle,idle_refit"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [rec["row"] for rec in out["records"]] == ["id_only_all", "id_only", "llm_only", "idle"]
-    assert [c["metric"] for c in out["comparison"]] == ["hr@5", "ndcg@5"]  # IDLE vs the best baseline
+    assert [rec["row"] for rec in out["records"]] == ["id_only_all", "id_only", "llm_only", "idle", "idle_refit"]
+    # IDLE (and IDLE on the refit base) vs the best baseline
+    assert [(c["row"], c["metric"]) for c in out["comparison"]] == [
+        ("idle", "hr@5"), ("idle", "ndcg@5"), ("idle_refit", "hr@5"), ("idle_refit", "ndcg@5")]
+    idle, refit = out["records"][3], out["records"][4]
+    assert refit["run"] == idle["run"] and refit["train_seconds"] < idle["train_seconds"]  # the same trained adapter
+    assert refit["test_artifact"] != str(tmp_path / "sasrec") and refit["valid"]["users"] == 24
+    assert refit["valid_base"]["full"]["ndcg@10"] != refit["valid"]["full"]["ndcg@10"]
+    assert "[refit] validation NDCG@10 on every user" in r.stdout
     for c in out["comparison"]:
         assert c["lo"] <= c["diff"] <= c["hi"]
     for rec in out["records"]:

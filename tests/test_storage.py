@@ -8,6 +8,8 @@ local port, started by this module and stopped by its handle).
 * Rerunning the same job with the latest checkpoint's state corrupted in the bucket resumes the run
   by name from the older checkpoint in S3 (with a warning), trains the missing epoch, and ends with
   the same step count; ``run_best_weights`` finds that run's best weights by listing the bucket.
+* ``jobs/recommend.py`` reads that run's weights from the bucket and writes its top-K Parquet and
+  manifest to ``s3://BUCKET/recs/...`` (moved from a temp prefix, manifest last), read back whole.
 * Misconfigured URIs fail at config time with the field name and the fix: unknown scheme, missing
   bucket, unreachable endpoint, and ``jobs/train.py`` with a missing bucket (exit 2, before Ray starts).
 
@@ -135,3 +137,13 @@ def test_train_checkpoints_resumes_and_reads_back_from_s3(s3, tmp_path):
     weights = run_best_weights(storage_path, run)
     assert weights == f"{second['checkpoint']}/best_trainable.safetensors"
     check_adapter_weights(weights, cfg, prepare_from_config(cfg, log=lambda *a: None), str(tmp_path / "sasrec"))
+
+    # Recommendations from the run's weights in the bucket, written to the bucket, read back.
+    recs = f"s3://{BUCKET}/recs/today"
+    r = run_job("recommend.py", "--config", config, "--run", run, "--top-k", 3, "--output", recs, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from idle_ray.serve.batch import read_recommendations
+    table, manifest = read_recommendations(recs)
+    assert manifest["weights"] == weights and manifest["users"] == 24 and table.num_rows == 72
+    assert sorted(_files(s3, f"{BUCKET}/recs/today")) == sorted(manifest["files"] + ["manifest.json"])
+    assert all(f.startswith("today/") for f in _files(s3, f"{BUCKET}/recs"))  # no temp prefix left beside it

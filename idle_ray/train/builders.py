@@ -62,9 +62,22 @@ def id_model_kwargs(cfg: ExperimentConfig) -> dict:
 
 
 def build_pretrain_task(cfg: ExperimentConfig, prepared: PreparedDataset) -> tuple[nn.Module, dict]:
+    """The ID model to pre-train, randomly initialised from ``cfg.seed`` or, with
+    ``pretrain.init_artifact``, from that artifact's weights (same model and sizes required)."""
     torch.manual_seed(cfg.seed)
     kwargs = id_model_kwargs(cfg)
-    return IDModelTask(build_id_model(cfg.id_model.name, prepared.num_items, **kwargs)), kwargs
+    model = build_id_model(cfg.id_model.name, prepared.num_items, **kwargs)
+    if cfg.pretrain.init_artifact:
+        from idle_ray.models.artifact import ArtifactError, load_id_artifact
+        start, meta = load_id_artifact(cfg.pretrain.init_artifact, prepared.manifest["vocab_fingerprint"])
+        if meta["name"] != cfg.id_model.name or meta["kwargs"] != kwargs:
+            raise ArtifactError(f"{cfg.pretrain.init_artifact}: a {meta['name']} with {meta['kwargs']}, not the "
+                                f"configured {cfg.id_model.name} with {kwargs}. Fix: point pretrain.init_artifact "
+                                "at an artifact of this id_model")
+        model.load_state_dict(start.state_dict())
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return IDModelTask(model), kwargs
 
 
 def refine_layer_ids(spec: str) -> list[int] | None:

@@ -73,8 +73,12 @@ def pretrain_and_test(cfg: ExperimentConfig) -> tuple[PreparedDataset, dict]:
                       "best_val_ndcg@10": meta.get("best_val_ndcg@10"), "test": test}
 
 
-def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: str, log=print) -> dict:
-    """Train ``cfg.adapter.variant`` (or evaluate the ID model for ``id_only``), then test once."""
+def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: str, log=print,
+                   test_artifact: str | None = None) -> dict:
+    """Train ``cfg.adapter.variant`` (or evaluate the ID model for ``id_only``), then test once.
+
+    ``test_artifact``: test the trained adapter on this ID model instead (a refit of ``artifact``);
+    the record then holds the validation of both, every user (``valid_base``, ``valid``)."""
     from idle_ray.train.evaluate import evaluate, evaluate_adapter
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
     from idle_ray.train.storage import uri
@@ -96,6 +100,13 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
                   steps=result.metrics.get("step"), best_step=result.metrics.get("best_step"),
                   torch_threads=result.metrics.get("torch_threads"), samples_per_s=result.metrics.get("samples_per_s"))
     t1 = time.time()
+    if test_artifact:
+        record["valid_base"] = evaluate_adapter(cfg, prepared, "valid", best_weights(result), artifact)
+        record["valid"] = evaluate_adapter(cfg, prepared, "valid", best_weights(result), test_artifact)
+        record["test_artifact"] = test_artifact
+        log(f"[refit] validation NDCG@10 on every user: base {record['valid_base']['full']['ndcg@10']:.4f}, "
+            f"refit {record['valid']['full']['ndcg@10']:.4f}")
+        artifact = test_artifact
     record["test"] = evaluate_adapter(cfg, prepared, "test", best_weights(result), artifact)
     record["test_seconds"] = round(time.time() - t1, 1)
     return record
