@@ -61,7 +61,7 @@ def _ray_cr(doc: dict) -> dict:
     """The RayCluster custom resource a manifest creates (a RayJob embeds one as rayClusterSpec)."""
     if doc["kind"] == "RayCluster":
         cr = copy.deepcopy(doc)
-    elif doc["kind"] == "RayJob":
+    elif doc["kind"] in ("RayJob", "RayService"):
         cr = {"apiVersion": doc["apiVersion"], "kind": "RayCluster",
               "metadata": {"name": doc["metadata"]["name"]},
               "spec": copy.deepcopy(doc["spec"]["rayClusterSpec"])}
@@ -126,7 +126,7 @@ def _public_exposures(doc) -> list[str]:
 def test_every_expected_cluster_file_is_present():
     names = {str(p.relative_to(CLUSTER)) for p in ALL_FILES}
     assert {"aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml",
-            "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml"} <= names
+            "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml", "kuberay/rayservice.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
@@ -306,6 +306,27 @@ def test_rayjob_runtime_env_is_valid_and_mirrors_requirements(path):
     # bash, so `$` or backticks there would be expanded in the submitter pod.
     for text in (doc["spec"]["entrypoint"], doc["spec"]["runtimeEnvYAML"]):
         assert "$" not in text and "`" not in text
+
+
+def test_rayservice_application_imports_loads_its_config_and_mirrors_requirements():
+    """The RayService's Serve application: its import path is the builder, the builder's args load
+    as a config (the --set list included), and its pip list is requirements.txt line for line."""
+    import importlib
+
+    from idle_ray.config import load_config
+    doc = _load(CLUSTER / "kuberay" / "rayservice.yaml")
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    assert serve_cfg["http_options"]["port"] == 8000
+    (app,) = serve_cfg["applications"]
+    module, name = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    cfg = load_config(REPO / app["args"]["config"], app["args"]["set"].split(","))
+    assert cfg.serve.run == "YOUR_RUN_NAME" and cfg.serve.max_replicas == 4
+    assert cfg.train.storage_path.startswith("s3://")
+    env = app["runtime_env"]
+    assert set(env) <= RuntimeEnv.known_fields
+    RuntimeEnv(**env)
+    assert env["pip"] == _requirements()
 
 
 # ----------------------------------------------------------------------------- security
