@@ -30,31 +30,19 @@ from idle_ray import cli  # noqa: E402
 
 
 def single_process(cfg, prepared, kind, weights, artifact, users, k):
-    """Users/s of a plain loop: read shards, make samples, (tokenise), score, top-K, map ids."""
+    """Users/s of a plain loop (``serve.batch.local_top_k``: shards, samples, tokenise, score, top-K) + id mapping."""
     import torch
 
-    from idle_ray.data.pipeline import local_numpy_reader
-    from idle_ray.serve.topk import Vocabulary, top_k
-    from idle_ray.train import builders
-    from idle_ray.train.contexts import to_tensors
+    from idle_ray.serve.batch import local_top_k
+    from idle_ray.serve.topk import Vocabulary
     from idle_ray.train.evaluate import scoring_model
     torch.set_num_threads(1)
     model = scoring_model(cfg, prepared, kind, weights, artifact)
     vocab = Vocabulary(prepared.path)
-    prompt = builders.prompt_stage_kwargs(cfg, prepared) if kind == "adapter" else None
     t0, n = time.perf_counter(), 0
-    for block in local_numpy_reader(prepared, "next", cfg.data.max_history):
-        keep = np.isin(block["user"], users)
-        block = {key: v[keep] for key, v in block.items()}
-        for lo in range(0, len(block["user"]), cfg.eval.batch_size):
-            b = {key: v[lo:lo + cfg.eval.batch_size] for key, v in block.items()}
-            if prompt is not None:
-                b = builders.encode_prompts(b, **prompt)
-            with torch.no_grad():
-                scores = model.full_sort_predict(to_tensors({key: v for key, v in b.items() if key != "seen"}, "cpu"))
-            items, _ = top_k(scores, k, list(b["seen"]))
-            _ = vocab.item_ids[items], vocab.titles[items]
-            n += len(b["user"])
+    for batch_users, items, _, _ in local_top_k(cfg, prepared, model, k, users):
+        _ = vocab.item_ids[items], vocab.titles[items]
+        n += len(batch_users)
     return n / (time.perf_counter() - t0)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,31 +25,20 @@ def trained(tmp_path_factory):
 
 
 def single_process_top_k(config, weights, kind, k, users=None, exclude_history=True):
-    """{original user id: [(original item id, title, score)...]} scored in this process, one batch."""
-    import torch
-
+    """{original user id: [(original item id, title, score, in history)...]} scored in this process (no Ray)."""
     from idle_ray.config import load_config
-    from idle_ray.data.pipeline import local_numpy_reader
-    from idle_ray.serve.topk import Vocabulary, top_k
+    from idle_ray.serve.batch import local_top_k
+    from idle_ray.serve.topk import Vocabulary
     from idle_ray.train import builders
-    from idle_ray.train.contexts import to_tensors
     from idle_ray.train.evaluate import scoring_model
 
     cfg = load_config(str(config))
     prepared = builders.prepare_from_config(cfg, log=lambda *a: None)
-    artifact = str(builders.id_artifact_dir(cfg, prepared))
-    model = scoring_model(cfg, prepared, kind, weights, artifact)
+    model = scoring_model(cfg, prepared, kind, weights, str(builders.id_artifact_dir(cfg, prepared)))
     vocab = Vocabulary(prepared.path)
     out = {}
-    for block in local_numpy_reader(prepared, "next", cfg.data.max_history):
-        if kind == "adapter":
-            block = builders.encode_prompts(block, **builders.prompt_stage_kwargs(cfg, prepared))
-        keep = np.isin(block["user"], users) if users is not None else np.ones(len(block["user"]), bool)
-        block = {key: v[keep] for key, v in block.items()}
-        with torch.no_grad():
-            scores = model.full_sort_predict(to_tensors({key: v for key, v in block.items() if key != "seen"}, "cpu"))
-        items, values = top_k(scores, k, list(block["seen"]) if exclude_history else None)
-        for u, row_items, row_scores, seen in zip(block["user"], items, values, block["seen"]):
+    for batch_users, items, values, seen_lists in local_top_k(cfg, prepared, model, k, users, exclude_history):
+        for u, row_items, row_scores, seen in zip(batch_users, items, values, seen_lists):
             out[vocab.user_ids[u]] = [(vocab.item_ids[i], vocab.titles[i], float(s), i in set(seen.tolist()))
                                       for i, s in zip(row_items, row_scores)]
     return out

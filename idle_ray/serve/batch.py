@@ -17,6 +17,7 @@ import uuid
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from idle_ray.config import ConfigError, ExperimentConfig, config_hash, experiment_from_dict, to_dict
 from idle_ray.data.prepare import PreparedDataset
@@ -122,7 +123,6 @@ def recommend(cfg: ExperimentConfig, prepared: PreparedDataset, output: str, *, 
                        if i.type == pafs.FileType.File)
         users_written = set()
         n_rows = 0
-        import pyarrow.parquet as pq
         for f in files:
             table = pq.read_table(f, filesystem=fs, columns=["user_id"])
             users_written.update(table["user_id"].to_pylist())
@@ -169,7 +169,6 @@ def read_recommendations(location: str):
     """The recommendations under ``location`` as a pyarrow Table (raises when there is no manifest:
     the output is incomplete or absent)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from idle_ray.train import storage
     manifest = storage.read_json_in(storage.absolute(location), "manifest.json")
@@ -177,3 +176,30 @@ def read_recommendations(location: str):
         raise FileNotFoundError(f"{location}: no manifest.json, so no complete recommendations there")
     fs, path = storage.resolve(storage.absolute(location))
     return pa.concat_tables([pq.read_table(f"{path}/{rel}", filesystem=fs) for rel in manifest["files"]]), manifest
+
+
+def local_top_k(cfg: ExperimentConfig, prepared: PreparedDataset, model, k: int, users=None,
+                exclude_history: bool = True):
+    """The batch job without Ray: shards read in this process, then the same samples (split
+    ``next``), prompt stage, ``model`` and top-K rule, ``eval.batch_size`` users at a time. Yields
+    ``(dense users, items (B, k), scores (B, k), seen)`` per batch (tests and benchmarks compare it
+    with :func:`recommend`)."""
+    import torch
+
+    from idle_ray.data.pipeline import local_numpy_reader
+    from idle_ray.train import builders
+    from idle_ray.train.contexts import to_tensors
+    prompt = None if isinstance(model, builders.IDModelTask) else builders.prompt_stage_kwargs(cfg, prepared)
+    size = cfg.eval.batch_size
+    for block in local_numpy_reader(prepared, "next", cfg.data.max_history):
+        if users is not None:
+            keep = np.isin(block["user"], users)
+            block = {key: v[keep] for key, v in block.items()}
+        for lo in range(0, len(block["user"]), size):
+            b = {key: v[lo:lo + size] for key, v in block.items()}
+            if prompt is not None:
+                b = builders.encode_prompts(b, **prompt)
+            with torch.no_grad():
+                scores = model.full_sort_predict(to_tensors({key: v for key, v in b.items() if key != "seen"}, "cpu"))
+            items, values = top_k(scores, k, list(b["seen"]) if exclude_history else None)
+            yield b["user"], items, values, b["seen"]
