@@ -91,3 +91,35 @@ def test_ranks_resume_from_the_checkpoint_rank0_chose(tmp_path, rank1_breaks):
         assert "transient read error" in got[1]
     else:
         assert got[1] == got[0]
+
+
+def test_tune_replays_the_epochs_of_the_checkpoint_train_resumes_from(tmp_path):
+    """A driver killed between a checkpoint's upload and its registration leaves a newer folder than
+    the one Ray Train resumes from: the epochs a restarted Tune trial replays must be the resumed
+    checkpoint's, or the epoch trained again is reported twice (CI saw epochs [1, 2, 2, 3])."""
+    from idle_ray.train.checkpoints import TRAIN_SNAPSHOT, resume_state
+    from idle_ray.tune.search import trained_epochs
+    run = make_run(tmp_path, corrupt_latest=False)
+    for epoch in (1, 2):
+        meta = os.path.join(run, f"checkpoint_00000{epoch}", CKPT_META)
+        history = [{"epoch": e, "ndcg@10": 0.1 * e} for e in range(1, epoch + 1)]
+        with open(meta, "w") as f:
+            json.dump({"epoch": epoch, "step": 10 * epoch, "history": history}, f)
+    # No snapshot yet: Train starts the run from scratch, so nothing is replayed.
+    assert trained_epochs(run) == [] and resume_state(run) is None
+    snapshot = os.path.join(run, TRAIN_SNAPSHOT)
+    with open(snapshot, "w") as f:  # Train registered epoch 1 only; checkpoint_000002 is unregistered
+        json.dump({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000001", "metrics": {}}}, f)
+    replay = trained_epochs(run)
+    assert [m["epoch"] for m in replay] == [1]
+    assert replay[-1]["checkpoint_path"] == os.path.join(run, "checkpoint_000001")
+    assert resume_state(run)[1]["epoch"] == 1
+    with open(snapshot, "w") as f:
+        json.dump({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002", "metrics": {}}}, f)
+    assert [m["epoch"] for m in trained_epochs(run)] == [1, 2]
+    # The registered one unreadable: the worker falls back to the newest readable other one, and so does the replay.
+    with open(os.path.join(run, "checkpoint_000002", CKPT_META), "w") as f:
+        f.write("{ not json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [m["epoch"] for m in trained_epochs(run)] == [1]

@@ -15,6 +15,9 @@ import warnings
 from idle_ray.train import storage
 
 CKPT_META = "train_state.json"
+# Ray Train V2's record of a run's registered checkpoints (in the run folder): on resume it hands
+# the workers its `latest_checkpoint_result`, whatever newer folders a killed driver left behind.
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 CKPT_WEIGHTS = "trainable.safetensors"
 DS_TAG = "deepspeed"
 
@@ -56,6 +59,39 @@ def candidate_checkpoints(latest, run_dir: str | None) -> list:
         out += [Checkpoint(storage.resolve(c)[1], filesystem=fs) for c in storage.checkpoints(run_dir)
                 if os.path.basename(c) != latest_name]
     return out
+
+
+def registered_latest(run_dir: str):
+    """The checkpoint Ray Train gives the workers when ``run_dir`` resumes (the latest one its snapshot
+    registered), as a ``ray.train.Checkpoint``; ``None`` when the run would start from scratch.
+
+    A checkpoint folder can be on disk without being registered: the driver died after the workers
+    uploaded it and before Train recorded it. Train then resumes from the previous one."""
+    from ray.train import Checkpoint
+    try:
+        snap = json.loads(storage.read_bytes(storage.join(run_dir, TRAIN_SNAPSHOT)))
+        name = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not name:
+        return None
+    fs, path = storage.resolve(storage.join(run_dir, name))
+    return Checkpoint(path, filesystem=fs)
+
+
+def resume_state(run_dir: str) -> tuple[str, dict] | None:
+    """``(checkpoint location, loop state)`` of the checkpoint a resumed run loads (what
+    :func:`try_restore` picks on rank 0, read only), or ``None`` when it starts from scratch."""
+    latest = registered_latest(run_dir)
+    if latest is None:
+        return None
+    candidates = candidate_checkpoints(latest, run_dir)
+    index = choose_checkpoint(candidates)
+    if index is None:
+        return None
+    cand = candidates[index]
+    with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
+        return storage.uri(cand.filesystem, cand.path), json.loads(f.read())
 
 
 def choose_checkpoint(candidates: list) -> int | None:

@@ -136,20 +136,24 @@ def train_driver_fn(params: dict, *, experiment: dict, prepared: str, id_artifac
 
 
 def trained_epochs(run_dir: str) -> list[dict]:
-    """The per-epoch metrics a Train run has checkpointed (its newest readable state), oldest
-    first; the last one carries the checkpoint's location like ``TuneReportCallback`` does."""
+    """The per-epoch metrics of the checkpoint the Train run resumes from (the one Ray Train
+    registered last, as the worker picks it), oldest first; the last one carries the checkpoint's
+    location like ``TuneReportCallback`` does. Empty when the run starts from scratch.
+
+    Not the newest folder on disk: a driver killed between a checkpoint's upload and its
+    registration leaves a folder the run does not resume from, and its epoch is trained (and
+    reported) again."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from idle_ray.train.checkpoints import CKPT_META
-    for ckpt in storage.checkpoints(run_dir):
-        try:
-            history = json.loads(storage.read_bytes(storage.join(ckpt, CKPT_META)))["history"]
-        except (OSError, ValueError, KeyError):
-            continue  # an unreadable latest checkpoint: the worker falls back the same way
-        if history:
-            history[-1] = {**history[-1], CHECKPOINT_PATH_KEY: storage.resolve(ckpt)[1]}
-        return history
-    return []
+    from idle_ray.train.checkpoints import resume_state
+    found = resume_state(run_dir)
+    if found is None:
+        return []
+    location, state = found
+    history = list(state.get("history") or [])
+    if history:
+        history[-1] = {**history[-1], CHECKPOINT_PATH_KEY: storage.resolve(location)[1]}
+    return history
 
 
 def trainable(cfg: ExperimentConfig, prepared: str, id_artifact: str, name: str):
