@@ -89,6 +89,11 @@ class PretrainConfig:
     holdout_targets: int = _f(0, "Out-of-sample ID states (DESIGN 5c): pre-train without each user's last N "
                               "training targets, so the adapter (data.train_targets_per_user = N) learns from "
                               "targets the ID model never saw. 0: pre-train on every training target.", min=0)
+    holdout_window: int = _f(0, "0: hold out each user's last holdout_targets training targets (the ID model never "
+                             "sees the most recent ones). W >= holdout_targets: draw holdout_targets positions per "
+                             "user among the last W training targets (seeded by user and seed; the ID model still "
+                             "reads them as inputs, only their loss is dropped) and train the adapter on exactly "
+                             "those (data.train_targets_per_user is then unused).", min=0)
     init_artifact: str = _f("", "Start from this ID-model artifact's weights instead of a random init (a refit).")
     refit_epochs: int = _f(3, "With holdout_targets > 0, the 'idle_refit' row of jobs/main.py tests the trained "
                            "adapter on its base fine-tuned on every training target (from the held-out weights, "
@@ -328,6 +333,11 @@ def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
     if cfg.prompt.template.index("{id_tokens}") < cfg.prompt.template.index("{history}"):
         raise ConfigError(f"{source}: field 'prompt.template' must put {{id_tokens}} after {{history}} "
                           f"(the text before it then needs no backward pass)")
+    p = cfg.pretrain
+    if p.holdout_window and p.holdout_window < p.holdout_targets:
+        raise ConfigError(f"{source}: field 'pretrain.holdout_window' = {p.holdout_window} is below "
+                          f"pretrain.holdout_targets = {p.holdout_targets}: draw N targets among at least N "
+                          f"(or 0 for the last N)")
     if cfg.data.dataset in ("atomic", "csv", "parquet") and not cfg.data.path:
         raise ConfigError(f"{source}: field 'data.path' is required when data.dataset = {cfg.data.dataset!r}")
 

@@ -84,3 +84,10 @@ def test_kv_split_setting():
     assert kv_split(load_config(None, ["train.use_gpu=true"])) == (not torch.cuda.is_available())
     with pytest.raises(ConfigError, match=r"adapter\.kv_split"):
         load_config(None, ["adapter.kv_split=maybe"])
+
+
+def test_holdout_window_needs_room_for_its_targets():
+    from idle_ray.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="pretrain.holdout_window' = 2 is below pretrain.holdout_targets = 3"):
+        load_config(None, ["pretrain.holdout_targets=3", "pretrain.holdout_window=2"])
+    assert load_config(None, ["pretrain.holdout_targets=3", "pretrain.holdout_window=10"]).pretrain.holdout_window == 10

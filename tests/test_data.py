@@ -218,3 +218,48 @@ def test_windows_cover_every_training_target_once():
     assert len(w["user"]) == window_count(np.array([12, 4]), 4) == 4
     prefix = make_samples(np.array([1, 2]), items, "train", max_history=4)
     assert sorted(t for row in w["target_seq"] for t in row if t) == sorted(prefix["target"].tolist())
+
+
+def test_drawn_holdout_splits_training_targets_between_id_model_and_adapter(tiny_prepared):
+    """``pretrain.holdout_window``: the ID model pre-trains on every training target but the drawn
+    ones, the adapter on exactly the drawn ones; the draw is per user (not per batch or shard), among
+    the last W targets, and the sample counts the loop plans with match what the pipeline yields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from idle_ray.data.pipeline import sample_counts
+    from idle_ray.data.samples import Holdout, build_samples, make_windows, target_positions
+    lengths = [12, 30, 6, 4]
+    users = np.array([3, 8, 5, 9])
+    items = pa.array([list(range(100 * u, 100 * u + n)) for u, n in zip(users, lengths)], pa.list_(pa.int32()))
+    pre, ada = Holdout(3, 10, seed=7), Holdout(3, 10, seed=7, adapter=True)
+    every = make_samples(users, items, "train", max_history=5)
+    id_part = make_samples(users, items, "train", max_history=5, holdout=pre)
+    ad_part = make_samples(users, items, "train", max_history=5, holdout=ada)
+    pairs = lambda s: {(int(u), int(t)) for u, t in zip(s["user"], s["target"])}  # noqa: E731
+    assert pairs(id_part) | pairs(ad_part) == pairs(every) and not pairs(id_part) & pairs(ad_part)
+    for u, n in zip(users, lengths):
+        drawn = sorted(t - 100 * u for uu, t in pairs(ad_part) if uu == u)
+        assert len(drawn) == min(3, n - 3) and all(max(1, n - 12) <= p <= n - 3 for p in drawn), (u, drawn)
+    # Per user: the same draw when the user comes in another batch or next to other users.
+    alone = make_samples(users[1:2], items[1:2], "train", max_history=5, holdout=ada)
+    assert pairs(alone) == {p for p in pairs(ad_part) if p[0] == 8}
+    # Another seed draws differently (30 targets, 3 drawn among the last 10).
+    other = make_samples(users[1:2], items[1:2], "train", max_history=5, holdout=Holdout(3, 10, seed=8, adapter=True))
+    assert pairs(other) != pairs(alone)
+    # Windows: the drawn targets lose their loss, every other training target keeps it, inputs stay.
+    w = make_windows(users, items, max_history=5, holdout=pre)
+    kept = {(int(u), int(t)) for u, row in zip(w["user"], w["target_seq"]) for t in row if t}
+    assert kept == pairs(id_part)
+    assert {int(t) for row in w["history"] for t in row if t} >= {t for _, t in pairs(ad_part)} - {
+        100 * u + n - 3 for u, n in zip(users, lengths)}  # a drawn item is still an input after it
+    with pytest.raises(ValueError, match="targets <= window"):
+        Holdout(3, 2)
+    # The counts the training loop plans with (per rank share) equal what the pipeline yields.
+    table = pq.read_table(tiny_prepared.sequences_dir, columns=["user", "items"])
+    for h in (Holdout(2, 5, seed=1), Holdout(2, 5, seed=1, adapter=True)):
+        counts = sample_counts(tiny_prepared, "train", 4, 0, holdout=h, world=2)
+        got = [len(build_samples(table, "train", 4, 0, holdout=h, rank=r, world=2)["target"]) for r in (0, 1)]
+        assert counts == got and sum(got) > 0
+    rows, _ = target_positions(np.array([0, 12]), "train")
+    assert len(rows) == 9

@@ -25,7 +25,7 @@ DATA_CPUS = 0.1
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
                   shuffle: bool | None = None, passes: int = 1, windows: bool = False,
-                  max_user: int = 0, seed: int | None = None, holdout: int = 0, rank: int = 0,
+                  max_user: int = 0, seed: int | None = None, holdout=0, rank: int = 0,
                   world: int = 1, users=None) -> ray.data.Dataset:
     """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
 
@@ -37,8 +37,9 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
     execution (``DataConfig(execution_options=...preserve_order=True)``) the stream is then the same
     in every run.
     ``rank``/``world``: only the users with ``user % world == rank`` (a worker's deterministic
-    share: one dataset per rank). ``holdout``: the last training targets left out (pre-training on
-    out-of-sample targets for the adapter). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs);
+    share: one dataset per rank). ``holdout``: an int N, the last N training targets left out
+    (pre-training on out-of-sample targets for the adapter), or a :class:`~idle_ray.data.samples.Holdout`
+    (a seeded per-user draw among the last targets; the adapter's samples with ``adapter=True``). ``max_user > 0`` keeps users ``1..max_user`` (smoke runs);
     ``users`` (dense ids) keeps only those. ``split="next"``: the whole sequence as history, for
     recommendations.
     """
@@ -95,7 +96,7 @@ def split_datasets(prepared: PreparedDataset, max_history: int, targets_per_user
 
 
 def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                  windows: bool = False, holdout: int = 0, world: int = 1) -> list[int]:
+                  windows: bool = False, holdout=0, world: int = 1) -> list[int]:
     """Samples a split yields for each rank's users (``user % world == rank``), ranks ``0..world-1``:
     the manifest's count when it applies, else recomputed from one read of the sequence lengths."""
     import numpy as np
@@ -103,7 +104,7 @@ def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targe
     import pyarrow.parquet as pq
 
     from idle_ray.data.prepare import train_sample_count
-    from idle_ray.data.samples import window_count
+    from idle_ray.data.samples import Holdout, heldout_count, window_count
     plain = not windows and not holdout and targets_per_user == prepared.manifest["train_targets_per_user"]
     if world == 1 and (split != "train" or plain):
         return [int(prepared.manifest["splits"][split])]
@@ -117,19 +118,22 @@ def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targe
             counts.append(int(len(lengths)))
         elif windows:
             counts.append(window_count(lengths, max_history, holdout))
+        elif isinstance(holdout, Holdout):
+            held = int(heldout_count(lengths, holdout).sum())
+            counts.append(held if holdout.adapter else train_sample_count(lengths, 0) - held)
         else:
             counts.append(train_sample_count(lengths - holdout, targets_per_user))
     return counts
 
 
 def sample_count(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                 windows: bool = False, holdout: int = 0, rank: int = 0, world: int = 1) -> int:
+                 windows: bool = False, holdout=0, rank: int = 0, world: int = 1) -> int:
     """Samples a split yields for the users ``user % world == rank`` (see :func:`sample_counts`)."""
     return sample_counts(prepared, split, max_history, targets_per_user, windows, holdout, world)[rank]
 
 
 def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
-                       windows: bool = False, holdout: int = 0):
+                       windows: bool = False, holdout=0):
     """Single-process baseline: pyarrow + numpy, same transformation, one shard at a time.
 
     Used by tests (equivalence with the Ray pipeline) and by the data benchmark.

@@ -14,6 +14,8 @@ full ranking and to exclude them from sampled negatives.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
@@ -30,12 +32,63 @@ def _flat(column) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """Training targets the ID model does not pre-train on, drawn per user; the adapter trains on
+    exactly them (out-of-sample ID states, DESIGN 5c).
+
+    ``targets`` per user, drawn among the user's last ``window`` training targets with a key that
+    depends only on ``(seed, user, position)`` (the same draw in every process, shard and run).
+    The ID model still reads a held-out item as *input* to later positions; only the loss at it
+    is dropped. ``adapter=True`` yields the held-out targets, ``False`` every other one.
+    """
+    targets: int
+    window: int
+    seed: int = 0
+    adapter: bool = False
+
+    def __post_init__(self):
+        if self.targets < 1 or self.window < self.targets:
+            raise ValueError(f"a Holdout needs 1 <= targets <= window, got {self.targets}, {self.window}")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a fixed, well-spread hash of uint64 values (wraps by design)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def heldout_positions(starts: np.ndarray, lengths: np.ndarray, users: np.ndarray, h: Holdout) -> np.ndarray:
+    """Flat indices of the held-out training targets of every user (see :class:`Holdout`), sorted."""
+    hi = lengths - 3  # the last training target's position in the sequence
+    lo = np.maximum(1, hi - h.window + 1)
+    counts = np.maximum(hi - lo + 1, 0)
+    rows = np.repeat(np.arange(len(starts)), counts)
+    before = np.repeat(np.cumsum(counts) - counts, counts)
+    rel = lo[rows] + np.arange(counts.sum()) - before
+    with np.errstate(over="ignore"):
+        key = _mix64(_mix64(_mix64(np.full(len(rows), h.seed, np.uint64))
+                            ^ np.asarray(users, np.uint64)[rows]) ^ rel.astype(np.uint64))
+    order = np.lexsort((key, rows))  # by user, then key: the first `targets` of each user are drawn
+    chosen = order[(np.arange(len(order)) - before) < h.targets]
+    return np.sort(starts[rows[chosen]] + rel[chosen])
+
+
+def heldout_count(lengths: np.ndarray, h: Holdout) -> np.ndarray:
+    """Held-out targets per user (fewer than ``h.targets`` only for very short sequences)."""
+    hi = lengths - 3
+    return np.minimum(np.maximum(hi - np.maximum(1, hi - h.window + 1) + 1, 0), h.targets)
+
+
 def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0,
-                     holdout: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     holdout: int | Holdout = 0, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(row index of the user, flat index of the target) for every sample of ``split``.
 
-    ``holdout > 0`` (train only): the last ``holdout`` training targets of every user are left out
-    (the ID model pre-trains without them; the adapter then trains on exactly them, out of sample).
+    ``holdout`` (train only): an int N leaves out the last N training targets of every user (the ID
+    model pre-trains without them; the adapter then trains on the last N, out of sample); a
+    :class:`Holdout` (needs ``users``) leaves out, or with ``adapter=True`` keeps only, its draw.
     """
     starts, lengths = offsets[:-1], np.diff(offsets)
     if split == "valid":
@@ -46,6 +99,11 @@ def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0,
         return np.arange(len(starts)), starts + lengths
     if split != "train":
         raise ValueError(f"unknown split {split!r}; expected one of {ALL_SPLITS}")
+    if isinstance(holdout, Holdout):
+        rows, flat = target_positions(offsets, "train")
+        held = np.isin(flat, heldout_positions(starts, lengths, users, holdout))
+        keep = held if holdout.adapter else ~held
+        return rows[keep], flat[keep]
     first = np.ones_like(lengths)  # position 0 has no history
     last = lengths - 3 - holdout  # inclusive
     if targets_per_user > 0:
@@ -57,10 +115,10 @@ def target_positions(offsets: np.ndarray, split: str, targets_per_user: int = 0,
 
 
 def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
-                 targets_per_user: int = 0, holdout: int = 0) -> dict[str, np.ndarray]:
+                 targets_per_user: int = 0, holdout: int | Holdout = 0) -> dict[str, np.ndarray]:
     """Vectorised windowing of a batch of user sequences into samples (see module doc)."""
     values, offsets = _flat(items_column)
-    rows, tpos = target_positions(offsets, split, targets_per_user, holdout)
+    rows, tpos = target_positions(offsets, split, targets_per_user, holdout, users)
     user_start = offsets[:-1][rows]
     idx = tpos[:, None] + np.arange(-max_history, 0)[None, :]  # (S, L)
     valid = idx >= user_start[:, None]
@@ -76,18 +134,22 @@ def make_samples(users: np.ndarray, items_column, split: str, max_history: int,
     return out
 
 
-def make_windows(users: np.ndarray, items_column, max_history: int, holdout: int = 0) -> dict[str, np.ndarray]:
+def make_windows(users: np.ndarray, items_column, max_history: int,
+                 holdout: int | Holdout = 0) -> dict[str, np.ndarray]:
     """Training windows with a target at every position (SASRec's original objective).
 
     The training part of a sequence (all but the last two items, ``m`` items) is cut from the
     end into windows of ``L = max_history`` targets: window ``j`` has targets ``s[e-L:e]`` and
     inputs ``s[e-L-1:e-1]`` with ``e = m - j*L``; both left-padded, target 0 = no loss. Every
     training target position ``1..m-1`` appears exactly once per epoch, as with prefix samples,
-    at a fraction of the compute (one forward serves ``L`` targets).
+    at a fraction of the compute (one forward serves ``L`` targets). A :class:`Holdout` zeroes the
+    targets it draws (no loss there; the items stay inputs of later positions).
     """
     values, offsets = _flat(items_column)
     starts, lengths = offsets[:-1], np.diff(offsets)
-    m = lengths - 2 - holdout  # ``holdout``: the last training targets left out (see target_positions)
+    drawn = holdout if isinstance(holdout, Holdout) else None
+    # an int ``holdout``: the last training targets left out (see target_positions)
+    m = lengths - 2 - (0 if drawn else holdout)
     n_win = np.maximum(np.ceil((m - 1) / max_history).astype(np.int64), 0)
     rows = np.repeat(np.arange(len(starts)), n_win)
     j = np.arange(n_win.sum()) - np.repeat(np.cumsum(n_win) - n_win, n_win)
@@ -95,7 +157,11 @@ def make_windows(users: np.ndarray, items_column, max_history: int, holdout: int
     cols = np.arange(-max_history, 0)[None, :]
     tgt_idx = end[:, None] + cols
     tgt_ok = tgt_idx >= (starts[rows] + 1)[:, None]
-    target_seq = np.where(tgt_ok, values[np.clip(tgt_idx, 0, None)], 0).astype(np.int32)
+    if drawn is not None:
+        tgt_ok_loss = tgt_ok & ~np.isin(tgt_idx, heldout_positions(starts, lengths, users, drawn))
+    else:
+        tgt_ok_loss = tgt_ok
+    target_seq = np.where(tgt_ok_loss, values[np.clip(tgt_idx, 0, None)], 0).astype(np.int32)
     inp_idx = tgt_idx - 1
     history = np.where(tgt_ok, values[np.clip(inp_idx, 0, None)], 0).astype(np.int32)
     return {"user": np.asarray(users, dtype=np.int32)[rows], "history": history,
@@ -103,13 +169,13 @@ def make_windows(users: np.ndarray, items_column, max_history: int, holdout: int
             "target": target_seq[:, -1].copy()}
 
 
-def window_count(lengths: np.ndarray, max_history: int, holdout: int = 0) -> int:
-    m = lengths - 2 - holdout
+def window_count(lengths: np.ndarray, max_history: int, holdout: int | Holdout = 0) -> int:
+    m = lengths - 2 - (0 if isinstance(holdout, Holdout) else holdout)
     return int(np.maximum(np.ceil((m - 1) / max_history), 0).sum())
 
 
 def build_samples(batch: pa.Table, split: str, max_history: int, targets_per_user: int = 0,
-                  windows: bool = False, max_user: int = 0, holdout: int = 0, rank: int = 0,
+                  windows: bool = False, max_user: int = 0, holdout: int | Holdout = 0, rank: int = 0,
                   world: int = 1, users: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``Dataset.map_batches(build_samples, batch_format="pyarrow", fn_kwargs=...)`` entry point.
 

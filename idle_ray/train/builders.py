@@ -180,3 +180,14 @@ def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
     key = config_hash({"id_model": {**vars(cfg.id_model), "artifact": ""}, "pretrain": vars(cfg.pretrain),
                        "max_history": cfg.data.max_history, "seed": cfg.seed})
     return Path("artifacts").resolve() / "id_models" / f"{prepared.manifest['dataset']}-{cfg.id_model.name}-s{cfg.seed}-{key}"
+
+
+def train_selection(cfg: ExperimentConfig, pretrain: bool) -> tuple[int, object]:
+    """``(targets_per_user, holdout)`` of a task's training samples (``split_dataset``'s arguments):
+    the ID model's pre-training leaves out ``pretrain.holdout_*``, the adapter trains on exactly
+    those targets (its last ``data.train_targets_per_user`` when ``holdout_window`` is 0)."""
+    from idle_ray.data.samples import Holdout
+    p = cfg.pretrain
+    if p.holdout_window and p.holdout_targets:
+        return 0, Holdout(p.holdout_targets, p.holdout_window, seed=cfg.seed, adapter=not pretrain)
+    return (0 if pretrain else cfg.data.train_targets_per_user), (p.holdout_targets if pretrain else 0)

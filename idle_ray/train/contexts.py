@@ -56,7 +56,7 @@ class LocalContext:
     """World size 1, no Ray: the same samples from the local shards (and the same tokenisation)."""
 
     def __init__(self, prepared, cfg: ExperimentConfig, stage, out_dir: Path, windows: bool = False,
-                 holdout: int = 0, targets: int = 0):
+                 holdout=0, targets: int = 0):
         self.rank, self.world = 0, 1
         self.windows, self.holdout, self.targets = windows, holdout, targets
         self.prepared, self.cfg, self.stage, self.out_dir = prepared, cfg, stage, out_dir

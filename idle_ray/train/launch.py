@@ -102,9 +102,10 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     # One training dataset per rank (users with user % world == rank), globally shuffled with a seed
     # and read in order: the same samples reach the same rank in the same order in every run.
     windows = pre and cfg.pretrain.sample_mode == "window"
+    targets, holdout = builders.train_selection(cfg, pre)
     datasets = {f"train_{rank}": split_dataset(
-        prepared, "train", d.max_history, 0 if pre else d.train_targets_per_user, extra_stage=stage,
-        windows=windows, seed=cfg.seed, holdout=cfg.pretrain.holdout_targets if pre else 0, rank=rank,
+        prepared, "train", d.max_history, targets, extra_stage=stage,
+        windows=windows, seed=cfg.seed, holdout=holdout, rank=rank,
         world=workers) for rank in range(workers)}
     datasets["valid"] = split_dataset(prepared, "valid", d.max_history, extra_stage=stage)
     run_dir = run_storage.join(storage, run_name)  # a folder or a URI: the worker reads both

@@ -26,8 +26,10 @@ def train_rows(cfg: ExperimentConfig, prepared, pretrain: bool, world: int = 1) 
     """Training samples of each rank's share (users ``user % world == rank``), ranks ``0..world-1``."""
     from idle_ray.data.pipeline import sample_counts
     windows = pretrain and cfg.pretrain.sample_mode == "window"
-    return sample_counts(prepared, "train", cfg.data.max_history, 0 if pretrain else cfg.data.train_targets_per_user,
-                         windows=windows, holdout=cfg.pretrain.holdout_targets if pretrain else 0, world=world)
+    from idle_ray.train.builders import train_selection
+    targets, holdout = train_selection(cfg, pretrain)
+    return sample_counts(prepared, "train", cfg.data.max_history, targets, windows=windows, holdout=holdout,
+                         world=world)
 
 
 def in_step(batches, world: int, device):

@@ -74,6 +74,6 @@ def run_standalone(config: dict) -> dict:
     config = {**config, "run_dir": str(out)}
     pretrain = config["task"] == "pretrain"
     windows = pretrain and cfg.pretrain.sample_mode == "window"
-    holdout = cfg.pretrain.holdout_targets if pretrain else 0
-    targets = 0 if pretrain else cfg.data.train_targets_per_user
+    from idle_ray.train.builders import train_selection
+    targets, holdout = train_selection(cfg, pretrain)
     return train_loop(config, LocalContext(prepared, cfg, stage, out, windows, holdout, targets), cfg, prepared, model)
