@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,6 +112,42 @@ def remove_incomplete(final: Path, reason: str, what: str, log: Callable[[str], 
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def remove_stale_temps(parent: Path, what: str, log: Callable[[str], None] = print,
+                       held: str | None = None) -> list[Path]:
+    """Remove the temp folders (``.tmp-<entry>-*``, ``.stale-<entry>-*``) that killed builders left in
+    ``parent``. Only a lock holder writes an entry's temp folder, so one whose entry lock can be taken
+    now (without waiting) is stale, and so are those of the entry ``held`` (whose lock the caller
+    holds); a live builder's (it holds the lock) is left alone."""
+    from filelock import FileLock, Timeout
+    removed = []
+    for tmp in sorted(parent.glob(".tmp-*")) + sorted(parent.glob(".stale-*")):
+        prefix = ".tmp-" if tmp.name.startswith(".tmp-") else ".stale-"
+        entry = tmp.name[len(prefix):-9]  # mkdtemp adds "-" + 8 random characters
+        if not tmp.is_dir() or not entry or tmp.name[-9] != "-":
+            continue
+        lock = None if entry == held else FileLock(str(lock_path(parent / entry)))
+        if lock is not None:
+            if not lock_path(parent / entry).exists():
+                # A killed builder leaves its lock file. Without one, the builder may be a process that
+                # waited on a lock file since unlinked (see BuildLock): only an old folder is stale.
+                if time.time() - tmp.stat().st_mtime < 3600:
+                    continue
+                lock = None
+            else:
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # its builder is alive
+        try:
+            log(f"[{what}] removing {tmp}, left by an interrupted build")
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            if lock is not None:
+                lock.release()
+    return removed
+
+
 def build_once(final: str | Path, build: Callable[[Path], None], verify: Callable[[Path], None] | None = None,
                *, what: str, log: Callable[[str], None] = print, info: dict | None = None) -> Path:
     """Return ``final``, building it first if it is not a complete entry (see module docstring).
@@ -135,6 +172,7 @@ def build_locked(final: str | Path, build: Callable[[Path], None], verify: Calla
         return final
     if final.exists() or final.is_symlink():
         remove_incomplete(final, reason, what, log)
+    remove_stale_temps(final.parent, what, log, held=final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         build(tmp)

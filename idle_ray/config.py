@@ -53,6 +53,8 @@ class DataConfig:
     output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint).")
     columns: ColumnsConfig = _f(None, "Column names of your own files (data.dataset atomic/csv/parquet); the "
                                 "packaged ml-* files have fixed names.", factory=ColumnsConfig)
+    delimiter: str = _f(",", "Field separator of your CSV files (data.dataset: csv), e.g. ';' or '\\t'.")
+    encoding: str = _f("utf-8", "Text encoding of your CSV and atomic files, e.g. 'latin-1' or 'cp1252'.")
     min_rating: float | None = _f(None, "Keep only interactions rated >= this (e.g. 3, RecBole's ML-1M benchmark), "
                                   "before duplicate removal and k-core; null: keep every row, read no rating.")
     min_user_interactions: int = _f(5, "k-core: users with fewer interactions are removed (iterated with items).", min=3)
@@ -133,6 +135,13 @@ class AdapterConfig:
     fusion: str = _f("residual", "Score fusion (our addition, DESIGN 5b): 'residual' = z = u + W_o r + b_o with a "
                      "zero-initialised head, so step 0 ranks exactly as the ID model; 'none' = the paper's head "
                      "z = W_o r + b_o. Variants with ID input only (not llm_only).", choices=("residual", "none"))
+    anchor_weight: float = _f(0.0, "Test-time anchor (our addition, DESIGN 5c): with pretrain.holdout_targets > 0 "
+                              "and fusion 'residual', score = s_all + a * (s_IDLE - s_base): the adapter's "
+                              "out-of-sample correction of its held-out base ID model, added with weight a to the "
+                              "scores of the same ID model trained on every target (jobs/main.py pre-trains it). "
+                              "Applied wherever an adapter is scored (test, jobs/evaluate, recommend, serve); "
+                              "training and its validation see the base. 0: off. Not part of config_hash.",
+                              min=0.0, max=10.0)
     kv_split: str = _f("auto", "Decoders: run the text before {id_tokens} once without autograd (KV cache) "
                        "and only the tail with it. 'auto': always for CPU training, never with train.use_gpu on "
                        "a GPU (one full pass was 11-15% faster on an H200 at 128 tokens; same loss).",
@@ -333,6 +342,21 @@ def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
     if cfg.prompt.template.index("{id_tokens}") < cfg.prompt.template.index("{history}"):
         raise ConfigError(f"{source}: field 'prompt.template' must put {{id_tokens}} after {{history}} "
                           f"(the text before it then needs no backward pass)")
+    d = cfg.data
+    if d.delimiter in ("\\t", "tab"):  # '\t' in single quotes or on the command line is two characters
+        d.delimiter = "\t"
+    if len(d.delimiter) != 1:
+        raise ConfigError(f"{source}: field 'data.delimiter' = {d.delimiter!r} must be one character, e.g. ';' or '\\t'")
+    import codecs
+    try:
+        codecs.lookup(d.encoding)
+    except LookupError:
+        raise ConfigError(f"{source}: field 'data.encoding' = {d.encoding!r} is not a known text encoding; "
+                          f"use e.g. utf-8, latin-1 or cp1252") from None
+    if cfg.adapter.anchor_weight > 0 and cfg.pretrain.holdout_targets == 0:
+        raise ConfigError(f"{source}: field 'adapter.anchor_weight' = {cfg.adapter.anchor_weight:g} anchors the adapter "
+                          f"on the ID model trained on every target, which is its base already when "
+                          f"pretrain.holdout_targets = 0: set pretrain.holdout_targets > 0 or adapter.anchor_weight: 0")
     p = cfg.pretrain
     if p.holdout_window and p.holdout_window < p.holdout_targets:
         raise ConfigError(f"{source}: field 'pretrain.holdout_window' = {p.holdout_window} is below "
@@ -363,7 +387,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found; pass an existing YAML file with --config")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              f"re-save the config file as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -399,10 +426,12 @@ def experiment_from_dict(d: dict, source: str = "<worker config>") -> Experiment
 
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
-    section (how a trained model is served) is left out: it never changes what is trained."""
+    section (how a trained model is served) and ``adapter.anchor_weight`` (how a trained adapter is
+    scored) are left out: they never change what is trained."""
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
     if isinstance(cfg, ExperimentConfig):
         d = {k: v for k, v in d.items() if k != "serve"}
+        d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "anchor_weight"}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -36,7 +36,8 @@ ROWS = {"id_only_all": ("id_only", {}, "ID model (all targets)"),
         "llm_only": ("llm_only", {}, "LLM-only"),
         "llara": ("llara", {}, "LLaRA-style"),
         "idle": ("idle", {}, "IDLE-Adapter"),
-        "idle_refit": ("idle", {}, "IDLE-Adapter, refit base"),
+        "idle_unanchored": ("idle", {"anchor_weight": 0.0}, "IDLE-Adapter on its base (no anchor)"),
+        "idle_refit": ("idle", {"anchor_weight": 0.0}, "IDLE-Adapter, refit base"),
         "idle_no_fusion": ("idle", {"fusion": "none"}, "IDLE w/o fusion"),
         "idle_no_refine": ("idle_no_refine", {}, "IDLE w/o refinement"),
         "idle_no_mmd": ("idle_no_mmd", {}, "IDLE w/o MMD")}
@@ -50,31 +51,32 @@ def row_config(cfg: ExperimentConfig, row: str) -> ExperimentConfig:
     return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, variant=variant, **overrides))
 
 
-def sibling_artifact(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
-    """``cfg`` for a second ID model beside the base: with an explicit ``id_model.artifact`` folder, the
-    folder ``<artifact>-<suffix>`` (else the base would be reused for it); otherwise unchanged (the
-    derived folder name already differs by the pre-training settings)."""
-    if not cfg.id_model.artifact:
-        return cfg
-    return dataclasses.replace(cfg, id_model=dataclasses.replace(
-        cfg.id_model, artifact=f"{cfg.id_model.artifact.rstrip('/')}-{suffix}"))
+def row_label(cfg: ExperimentConfig, row: str) -> str:
+    """The row's name in tables; an anchored adapter says so, with its weight."""
+    from idle_ray.train.builders import uses_anchor
+    rc = row_config(cfg, row)
+    return ROWS[row][2] + (f" (anchored, a={rc.adapter.anchor_weight:g})" if uses_anchor(rc) else "")
+
+
+def _labels(records: list[dict]) -> dict[str, str]:
+    return {r["row"]: r.get("label") or ROWS[r["row"]][2] for r in records}
 
 
 def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
     """Every row for ``cfg.seed``: pre-train the ID model(s) (reused when present), train and test each."""
+    from idle_ray.train import builders
     from idle_ray.train.runs import pretrain, train_and_test
 
     t0 = time.time()
     artifact, _ = pretrain(cfg, prepared, log=log)
     artifact_all = artifact_refit = artifact
-    if "id_only_all" in rows and cfg.pretrain.holdout_targets:
-        cfg_all = sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, holdout_targets=0)),
-                                   "all")
-        artifact_all, _ = pretrain(cfg_all, prepared, log=log)
+    anchored = any(builders.uses_anchor(row_config(cfg, row)) for row in rows)
+    if ("id_only_all" in rows or anchored) and cfg.pretrain.holdout_targets:
+        artifact_all, _ = pretrain(builders.all_targets_config(cfg), prepared, log=log)
     if "idle_refit" in rows:
         if not cfg.pretrain.holdout_targets:
             raise ConfigError("row idle_refit refits the adapter's held-out base: set pretrain.holdout_targets > 0")
-        cfg_refit = sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(
+        cfg_refit = builders.sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(
             cfg.pretrain, holdout_targets=0, init_artifact=artifact, epochs=cfg.pretrain.refit_epochs)),
             f"refit{cfg.pretrain.refit_epochs}")
         artifact_refit, _ = pretrain(cfg_refit, prepared, log=log)
@@ -84,7 +86,7 @@ def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
         t = time.time()
         rec = train_and_test(row_config(cfg, row), prepared, artifact_all if row == "id_only_all" else artifact,
                              test_artifact=artifact_refit if row == "idle_refit" else None, log=log)
-        rec.update(row=row, seconds=round(time.time() - t, 1))
+        rec.update(row=row, label=row_label(cfg, row), seconds=round(time.time() - t, 1))
         records.append(rec)
         log(f"[main] seed {cfg.seed} {row} done in {rec['seconds']:.0f} s: " +
             " ".join(f"{c} {rec['test']['full'][c]:.4f}" for c in COLUMNS))
@@ -104,7 +106,7 @@ def comparison(records: list[dict], resamples: int = 10_000) -> list[dict]:
     """IDLE minus the best baseline row on each of ``COMPARED``: ratio of means and a paired bootstrap."""
     present = {r["row"] for r in records}
     out = []
-    for candidate in ("idle", "idle_refit"):
+    for candidate in ("idle", "idle_unanchored", "idle_refit"):
         if candidate not in present:
             continue
         for metric in COMPARED:
@@ -122,8 +124,9 @@ def comparison(records: list[dict], resamples: int = 10_000) -> list[dict]:
     return out
 
 
-def comparison_table(rows: list[dict]) -> str:
-    body = [[ROWS[c["row"]][2], c["metric"].upper(), ROWS[c["baseline"]][2], f"{c['idle']:.4f}",
+def comparison_table(rows: list[dict], labels: dict[str, str] | None = None) -> str:
+    name = {**{k: v[2] for k, v in ROWS.items()}, **(labels or {})}
+    body = [[name[c["row"]], c["metric"].upper(), name[c["baseline"]], f"{c['idle']:.4f}",
              f"{c['baseline_value']:.4f}", f"{c['ratio']:.3f}x", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"]
             for c in rows]
     return "\n".join(markdown_table(["row", "metric", "best baseline", "IDLE", "baseline", "IDLE / baseline",
@@ -145,10 +148,11 @@ def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS,
     title = (f"{prepared.manifest['dataset']} test, full ranking over {prepared.num_items:,} items, "
              f"{prepared.manifest['num_users']} users; backbone {cfg.llm.backbone}; seeds "
              f"{', '.join(map(str, seeds))}")
-    table = metrics_table({ROWS[row][2]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
+    labels = _labels(records)
+    table = metrics_table({labels[row]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
                           COLUMNS, title)
     compared = comparison(records)
-    text = table + ("\n\n" + comparison_table(compared) if compared else "")
+    text = table + ("\n\n" + comparison_table(compared, labels) if compared else "")
     log("\n" + text + f"\n\nwall time {total / 60:.1f} min")
     write_text(os.path.join(out, "results.md"), text + f"\n\nconfig hash {config_hash(cfg)}, data fingerprint "
                f"{prepared.fingerprint[:12]}, wall time {total / 60:.1f} min\n")
@@ -156,7 +160,7 @@ def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS,
                                                    "data_fingerprint": prepared.fingerprint,
                                                    "wall_seconds": round(total, 1), "comparison": compared,
                                                    "records": records})
-    bar_plot({ROWS[row][2]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
+    bar_plot({labels[row]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
              COLUMNS, os.path.join(out, "results.png"), title)
     log(f"[main] wrote {out}/results.md, results.json, results.png")
     return records

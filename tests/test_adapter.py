@@ -556,3 +556,46 @@ def test_fusion_step0_equals_id_model_then_trains_every_part(backbones, name, va
 def test_fusion_never_for_llm_only(backbones):
     model = make_model(backbones["tiny-decoder"], "llm_only")
     assert model.fusion == "none" and model.adapter.head.proj.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_anchor_adds_the_trained_correction_to_the_anchor_scores(backbones, name):
+    """Test-time anchor: untrained, the anchored scores are the anchor's own (to 1e-5); trained, they are
+    anchor + a * (adapter - its base), computed here from the parts; nothing of the anchor trains."""
+    from idle_ray.train.builders import IDModelTask
+    bb = backbones[name]
+    model = make_model(bb, "idle").eval()
+    batch = make_batch(bb, "idle")
+    hist = torch.as_tensor(batch["history"]).long()
+    anchor = IDModelTask(make_sasrec(seed=5))
+    with torch.no_grad():
+        theirs = anchor.full_sort_predict({"history": hist})
+        model.set_anchor(anchor, 0.5)
+        assert torch.allclose(model.full_sort_predict(batch)[:, 1:], theirs[:, 1:], atol=1e-5)
+        torch.manual_seed(3)
+        for p in model.adapter.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a trained head: the correction is not zero
+        model.set_anchor(None)
+        adapter = model.full_sort_predict(batch)
+        base = model.id_model.full_sort_predict(hist)
+        model.set_anchor(anchor, 0.5)
+        anchored = model.full_sort_predict(batch)
+    want = theirs[:, 1:] + 0.5 * (adapter[:, 1:] - base[:, 1:])
+    assert not torch.allclose(adapter[:, 1:], base[:, 1:], atol=1e-3)
+    assert torch.allclose(anchored[:, 1:], want, atol=1e-4) and torch.isinf(anchored[:, 0]).all()
+    assert not any(n.startswith("anchor") for n in model.state_dict())
+    assert all(not p.requires_grad for p in anchor.parameters())
+    with pytest.raises(ValueError, match="an anchor needs score fusion"):
+        make_model(bb, "idle", fusion="none").set_anchor(anchor, 0.5)
+
+
+def test_anchor_config_rules():
+    from idle_ray.config import ConfigError, config_hash, load_config
+    from idle_ray.train.builders import uses_anchor
+    with pytest.raises(ConfigError, match="pretrain.holdout_targets > 0 or adapter.anchor_weight: 0"):
+        load_config(None, ["adapter.anchor_weight=0.5"])
+    cfg = load_config(None, ["adapter.anchor_weight=0.5", "pretrain.holdout_targets=3"])
+    assert uses_anchor(cfg)
+    assert config_hash(cfg) == config_hash(load_config(None, ["pretrain.holdout_targets=3"]))  # same training run
+    for override in ("adapter.fusion=none", "adapter.variant=llm_only", "adapter.variant=llara"):
+        assert not uses_anchor(load_config(None, ["adapter.anchor_weight=0.5", "pretrain.holdout_targets=3", override]))

@@ -105,7 +105,7 @@ def _csv(tmp_path, df, name="bad.csv"):
 
 BAD = {
     "missing_column": (lambda df: df.drop(columns=["timestamp"]), "timestamp", "required column missing"),
-    "wrong_type": (lambda df: df.assign(timestamp=["yesterday"] * len(df)), "timestamp", "not numeric"),
+    "wrong_type": (lambda df: df.assign(timestamp=["yesterday"] * len(df)), "timestamp", "neither a number nor"),
     "nan_timestamp": (lambda df: df.assign(timestamp=[np.nan] + list(df.timestamp[1:])), "timestamp", "NaN"),
     "negative_timestamp": (lambda df: df.assign(timestamp=[-5] + list(df.timestamp[1:])), "timestamp", "negative"),
     "empty_ids": (lambda df: df.assign(user_id=[""] + list(df.user_id[1:])), "user_id", "missing"),

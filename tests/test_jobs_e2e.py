@@ -25,17 +25,23 @@ def test_main_job_end_to_end(tmp_path):
             "adapter.projection_width": 16, "adapter.refine_bottleneck": 8, "train.batch_size": 8,
             "train.storage_path": tmp_path / "runs", "train.log_every": 2}
     cmd = [sys.executable, str(ROOT / "jobs/main.py"), "--config", str(ROOT / "configs/main_ml100k.yaml"),
-           "--out", str(tmp_path / "results"), "--variants", "id_only_all,id_only,llm_only,idle,idle_refit"]
+           "--out", str(tmp_path / "results"), "--variants", "id_only_all,id_only,llm_only,idle,idle_unanchored,idle_refit"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [rec["row"] for rec in out["records"]] == ["id_only_all", "id_only", "llm_only", "idle", "idle_refit"]
-    # IDLE (and IDLE on the refit base) vs the best baseline
+    assert [rec["row"] for rec in out["records"]] == ["id_only_all", "id_only", "llm_only", "idle", "idle_unanchored",
+                                                      "idle_refit"]
+    # IDLE (anchored on the all-target SASRec, as the config says), on its base alone, on the refit base,
+    # each vs the best baseline
     assert [(c["row"], c["metric"]) for c in out["comparison"]] == [
-        ("idle", "hr@5"), ("idle", "ndcg@5"), ("idle_refit", "hr@5"), ("idle_refit", "ndcg@5")]
-    idle, refit = out["records"][3], out["records"][4]
+        (row, m) for row in ("idle", "idle_unanchored", "idle_refit") for m in ("hr@5", "ndcg@5")]
+    idle, unanchored, refit = out["records"][3], out["records"][4], out["records"][5]
+    assert idle["anchor"] == {"artifact": str(tmp_path / "sasrec-all"), "weight": 0.5}
+    assert "anchor" not in unanchored and "anchor" not in refit
+    assert unanchored["run"] == idle["run"]  # one trained adapter, scored two ways
+    assert idle["test"]["ranks"] != unanchored["test"]["ranks"]
     assert refit["run"] == idle["run"] and refit["train_seconds"] < idle["train_seconds"]  # the same trained adapter
     assert refit["test_artifact"] != str(tmp_path / "sasrec") and refit["valid"]["users"] == 24
     assert refit["valid_base"]["full"]["ndcg@10"] != refit["valid"]["full"]["ndcg@10"]
@@ -44,6 +50,7 @@ def test_main_job_end_to_end(tmp_path):
         assert c["lo"] <= c["diff"] <= c["hi"]
     for rec in out["records"]:
         assert rec["test"]["users"] == 24 and 0 <= rec["test"]["full"]["ndcg@10"] <= 1
-    assert "| IDLE-Adapter |" in (tmp_path / "results" / "results.md").read_text()
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "| IDLE-Adapter (anchored, a=0.5) |" in md and "| IDLE-Adapter on its base (no anchor) |" in md
     assert (tmp_path / "results" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "IDLE-Adapter" in r.stdout

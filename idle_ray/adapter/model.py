@@ -187,6 +187,8 @@ class IDLEModel(nn.Module):
         self.backbone = backbone  # plain attribute (dataclass); its model is registered as `llm`
         self.llm = backbone.model
         self.id_model = id_model
+        object.__setattr__(self, "anchor", None)  # see set_anchor
+        self.anchor_weight = 0.0
         self.variant = variant
         self.kind = backbone.kind
         self.kv_split = kv_split
@@ -319,8 +321,36 @@ class IDLEModel(nn.Module):
 
     @torch.no_grad()
     def full_sort_predict(self, batch: Mapping) -> Tensor:
-        """``(B, N + 1)`` scores over all items (column 0 ``-inf``), no autograd."""
-        return self.forward({k: v for k, v in batch.items() if k != "target"})["scores"]
+        """``(B, N + 1)`` scores over all items (column 0 ``-inf``), no autograd; anchored when
+        :meth:`set_anchor` gave an anchor."""
+        scores = self.forward({k: v for k, v in batch.items() if k != "target"})["scores"]
+        if self.anchor is None:
+            return scores
+        history = batch["history"]
+        history = torch.from_numpy(np.asarray(history, dtype=np.int64)) if not isinstance(history, Tensor) else history
+        history = history.long().to(scores.device)
+        base = self.id_model.user_state(history).to(scores.dtype) @ self.item_table_frozen.to(scores.dtype).T
+        correction = scores - base  # (W_o r + b_o) E^T + item bias: what the adapter adds to its base
+        self.anchor.to(history.device)
+        anchored = self.anchor.full_sort_predict({"history": history}).to(scores.dtype) + self.anchor_weight * correction
+        anchored[:, 0] = float("-inf")
+        return anchored
+
+    def set_anchor(self, anchor: nn.Module | None, weight: float = 1.0) -> None:
+        """Test-time anchor (our addition, DESIGN 5c): score ``s_anchor + weight * (s_IDLE - s_base)``,
+        the adapter's correction of its own (held-out) base ID model added to the scores of
+        ``anchor`` (the same ID model trained on every target; ``full_sort_predict(batch) -> (B, N+1)``).
+        Only for score fusion (``residual``), where the correction is zero at step 0, so an untrained
+        adapter ranks exactly as the anchor. ``None`` removes it. Frozen, never trained or saved."""
+        if anchor is not None and self.fusion != "residual":
+            raise ValueError(f"an anchor needs score fusion ('residual'); this model's is {self.fusion!r} "
+                             f"(variant {self.variant!r})")
+        if anchor is not None:
+            anchor.eval()
+            for p in anchor.parameters():
+                p.requires_grad_(False)
+        object.__setattr__(self, "anchor", anchor)  # not a submodule: not in state_dict, optimizer or ZeRO
+        self.anchor_weight = float(weight)
 
     def _scores(self, readout: Tensor, user_state: Tensor | None = None) -> Tensor:
         return self.adapter.head(readout, self.item_table_frozen, user_state)  # (B, N + 1)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idle_ray.build_once import BuildLock, build_locked, is_complete
-from idle_ray.data.readers import DataError, fingerprint_files, read_source
+from idle_ray.data.readers import DataError, fingerprint_files, input_files, read_source
 
 SCHEMA_VERSION = 1
 SEQUENCE_SCHEMA = pa.schema([
@@ -72,6 +72,11 @@ def _natural_order(ids: np.ndarray) -> np.ndarray:
     uniq = pd.unique(ids)
     try:
         return uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
+    except OverflowError:  # integers beyond int64 (e.g. 64-bit unsigned hashes): Python ints sort them
+        try:
+            return np.array(sorted(uniq, key=int), dtype=uniq.dtype)
+        except ValueError:
+            return np.sort(uniq)
     except ValueError:
         return np.sort(uniq)
 
@@ -111,12 +116,13 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                     min_user_interactions: int = 5, min_item_interactions: int = 5,
                     rows_per_shard: int = 500, train_targets_per_user: int = 0,
                     min_rating: float | None = None, columns: dict | None = None,
-                    log=print) -> PreparedDataset:
+                    delimiter: str = ",", encoding: str = "utf-8", log=print) -> PreparedDataset:
     """Read, filter, split and write a dataset; a cache hit returns the existing folder.
 
     ``min_rating``: keep rows rated >= it (before duplicate removal and k-core, as RecBole's
-    ``val_interval``); ``columns``: ``data.columns`` (the names in the user's own files)."""
-    inter, items, files = read_source(dataset, path, items_path, columns, rating=min_rating is not None)
+    ``val_interval``); ``columns``: ``data.columns`` (the names in the user's own files);
+    ``delimiter`` / ``encoding``: ``data.delimiter`` / ``data.encoding`` of the user's CSV and atomic files."""
+    files = input_files(dataset, path, items_path)
     settings = {"dataset": dataset, "min_user": min_user_interactions, "min_item": min_item_interactions,
                 "rows_per_shard": rows_per_shard, "train_targets_per_user": train_targets_per_user,
                 "schema_version": SCHEMA_VERSION}
@@ -125,6 +131,11 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     renamed = {k: v for k, v in (columns or {}).items() if v != DEFAULT_COLUMNS.get(k)}
     if renamed and dataset in ("atomic", "csv", "parquet"):
         settings["columns"] = dict(sorted(renamed.items()))
+    # Only when not the default, so the fingerprints of existing datasets stay.
+    if delimiter != "," and dataset == "csv":
+        settings["delimiter"] = delimiter
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8") and dataset in ("atomic", "csv"):
+        settings["encoding"] = encoding
     fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     out_dir = Path(output_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
     final = out_dir / f"{dataset}-{fp[:12]}"
@@ -135,6 +146,11 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
         if is_complete(final):
             log(f"[prepare] cache hit: {final} (prepared by another process meanwhile)")
             return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+        # Parsed only on a cache miss (the fingerprint above hashed the files' bytes).
+        inter, items, read = read_source(dataset, path, items_path, columns, rating=min_rating is not None,
+                                         delimiter=delimiter, encoding=encoding)
+        if [str(f) for f in read] != [str(f) for f in files]:
+            raise RuntimeError(f"read {read}, fingerprinted {files}: input_files and read_source disagree")
         return _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final,
                                min_user_interactions, min_item_interactions, rows_per_shard,
                                train_targets_per_user, log)

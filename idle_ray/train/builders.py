@@ -7,6 +7,7 @@ predicate for ``requires_grad``, the optimizer and the checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -169,7 +170,7 @@ def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
                            min_user_interactions=d.min_user_interactions,
                            min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
                            train_targets_per_user=d.train_targets_per_user, min_rating=d.min_rating,
-                           columns=vars(d.columns), log=log)
+                           columns=vars(d.columns), delimiter=d.delimiter, encoding=d.encoding, log=log)
 
 
 def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
@@ -180,6 +181,34 @@ def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
     key = config_hash({"id_model": {**vars(cfg.id_model), "artifact": ""}, "pretrain": vars(cfg.pretrain),
                        "max_history": cfg.data.max_history, "seed": cfg.seed})
     return Path("artifacts").resolve() / "id_models" / f"{prepared.manifest['dataset']}-{cfg.id_model.name}-s{cfg.seed}-{key}"
+
+
+def sibling_artifact(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
+    """``cfg`` for a second ID model beside the base: with an explicit ``id_model.artifact`` folder, the
+    folder ``<artifact>-<suffix>`` (else the base would be reused for it); otherwise unchanged (the
+    derived folder name already differs by the pre-training settings)."""
+    if not cfg.id_model.artifact:
+        return cfg
+    return dataclasses.replace(cfg, id_model=dataclasses.replace(
+        cfg.id_model, artifact=f"{cfg.id_model.artifact.rstrip('/')}-{suffix}"))
+
+
+def all_targets_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` for the ID model trained on every training target beside the adapter's held-out base
+    (``pretrain.holdout_targets`` > 0): the 'id_only_all' row's model and the test-time anchor."""
+    return sibling_artifact(dataclasses.replace(cfg, pretrain=dataclasses.replace(
+        cfg.pretrain, holdout_targets=0, holdout_window=0)), "all")
+
+
+def uses_anchor(cfg: ExperimentConfig) -> bool:
+    """Whether the adapter is scored with the test-time anchor (``adapter.anchor_weight``)."""
+    a = cfg.adapter
+    return (a.anchor_weight > 0 and cfg.pretrain.holdout_targets > 0 and a.fusion == "residual"
+            and a.variant in ("idle", "idle_no_refine", "idle_no_mmd"))
+
+
+def anchor_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
+    return id_artifact_dir(all_targets_config(cfg), prepared)
 
 
 def train_selection(cfg: ExperimentConfig, pretrain: bool) -> tuple[int, object]:

@@ -32,7 +32,24 @@ def scoring_model(cfg: ExperimentConfig, prepared, kind: str, weights: str | Non
         if weights:
             from idle_ray.train.weights import load_weights
             model.load_adapter_state_dict(load_weights(weights))
+        if builders.uses_anchor(cfg):
+            model.set_anchor(anchor_model(cfg, prepared), cfg.adapter.anchor_weight)
     return model.eval()
+
+
+def anchor_model(cfg: ExperimentConfig, prepared):
+    """The test-time anchor of ``cfg``'s adapter (``adapter.anchor_weight``): its ID model trained on
+    every target, loaded from its artifact (:func:`idle_ray.train.builders.anchor_artifact_dir`)."""
+    from idle_ray.models.artifact import load_id_artifact
+    from idle_ray.train import builders
+    path = builders.anchor_artifact_dir(cfg, prepared)
+    if not (path / "model.json").is_file():
+        from idle_ray.config import ConfigError
+        raise ConfigError(f"field 'adapter.anchor_weight' = {cfg.adapter.anchor_weight:g} scores the adapter on top "
+                          f"of its ID model trained on every target, but {path} does not exist. Fix: run "
+                          f"jobs/main.py with this config (it pre-trains it), or set adapter.anchor_weight=0")
+    model, _ = load_id_artifact(path, prepared.manifest["vocab_fingerprint"])
+    return builders.IDModelTask(model)
 
 
 class Scorer:

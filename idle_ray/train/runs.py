@@ -109,6 +109,9 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
         artifact = test_artifact
     record["test"] = evaluate_adapter(cfg, prepared, "test", best_weights(result), artifact)
     record["test_seconds"] = round(time.time() - t1, 1)
+    from idle_ray.train.builders import anchor_artifact_dir, uses_anchor
+    if uses_anchor(cfg):
+        record["anchor"] = {"artifact": str(anchor_artifact_dir(cfg, prepared)), "weight": cfg.adapter.anchor_weight}
     return record
 
 
