@@ -123,3 +123,38 @@ def test_tune_replays_the_epochs_of_the_checkpoint_train_resumes_from(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert [m["epoch"] for m in trained_epochs(run)] == [1]
+
+
+class _Planted:
+    """Unpickling this writes a marker file (what an attacker with write access to storage would plant)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """DeepSpeed loads its ``.pt`` files with ``weights_only=False``: a planted ``__reduce__`` in the
+    optimizer state must be refused before that, and never run (the marker file is never written)."""
+    import torch
+
+    from ray.train import Checkpoint
+
+    from idle_ray.train.checkpoints import UnsafeCheckpointError
+    run = make_run(tmp_path, corrupt_latest=False)
+    marker = tmp_path / "owned"
+    ds = os.path.join(run, "checkpoint_000002", DS_TAG)
+    torch.save({"optimizer_state_dict": {"state": {}}, "extra": _Planted(str(marker))},
+               os.path.join(ds, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    torch.save({"module": {"w": torch.zeros(2)}}, os.path.join(ds, "mp_rank_00_model_states.pt"))
+    engine = FakeEngine()
+    with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt in the checkpoint "
+                       "would run code when unpickled"):
+        try_restore(engine, Ctx(0, 1, Checkpoint(os.path.join(run, "checkpoint_000002"))), run, str(tmp_path / "b"))
+    assert not marker.exists() and engine.loaded is None
+    # The same files without the planted object resume normally (tensors and containers only).
+    torch.save({"optimizer_state_dict": {"state": {}}}, os.path.join(ds, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    state = try_restore(engine, Ctx(0, 1, Checkpoint(os.path.join(run, "checkpoint_000002"))), run, str(tmp_path / "b"))
+    assert engine.loaded == 2 and state["epoch"] == 2 and not marker.exists()

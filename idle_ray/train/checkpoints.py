@@ -113,6 +113,44 @@ def choose_checkpoint(candidates: list) -> int | None:
     return None
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would run code when unpickled: the run refuses to resume from it."""
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed's checkpoints pickle besides tensors and containers (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_pickles(folder: str) -> None:
+    """Unpickle every ``*.pt`` under ``folder`` with torch's weights-only unpickler (tensors,
+    containers and :func:`deepspeed_safe_globals` only) before DeepSpeed loads them with the full
+    one (it passes ``weights_only=False``): a file that would call anything else (a planted
+    ``__reduce__``) raises :class:`UnsafeCheckpointError`, and nothing in it runs."""
+    import pickle
+
+    import torch
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if not name.endswith(".pt"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line
+                               or "global" in line.lower()), str(e).splitlines()[0] if str(e) else "")
+                raise UnsafeCheckpointError(
+                    f"{os.path.relpath(path, folder)} in the checkpoint would run code when unpickled ({detail[:300]}); "
+                    "refusing to resume from it. Fix: delete that checkpoint (or the run folder) and check who "
+                    "can write to train.storage_path") from None
+
+
 def _from_rank0(value, world: int):
     """Rank 0's ``value`` on every rank (as it is without a process group or with one rank)."""
     import torch.distributed as dist
@@ -141,7 +179,11 @@ def try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None
     if cand is None or cand.path != path:
         raise RuntimeError(f"rank {ctx.rank} does not see rank 0's checkpoint {path} among its candidates "
                            f"{[c.path for c in candidates]}")
-    with cand.as_directory() as d:  # a remote checkpoint is downloaded to a temp folder
+    # A private copy (a remote checkpoint is downloaded, a local one copied): what is verified below
+    # is what DeepSpeed loads, whoever else can write to the storage.
+    with tempfile.TemporaryDirectory(prefix="idle_ray_resume_") as d:
+        cand.to_directory(d)
+        verify_pickles(d)
         with open(os.path.join(d, CKPT_META)) as f:
             state = json.load(f)
         engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False,
