@@ -170,6 +170,10 @@ class TrainConfig:
     max_failures: int = _f(2, "Worker failures tolerated (restart from the last checkpoint).", min=0)
     storage_path: str = _f("runs", "Where Ray keeps run state and checkpoints (folder, NFS path, s3://, gs://).")
     max_steps: int = _f(0, "Stop after this many steps (0: no limit).", min=0)
+    checkpoint_every_steps: int = _f(0, "Also checkpoint every N optimizer steps (both tasks), not only at epoch "
+                                     "ends: a crash late in a long epoch resumes from the last step checkpoint "
+                                     "(the epoch's seeded stream is replayed past its trained batches). 0: epochs only.",
+                                     min=0)
     eval_max_users: int = _f(0, "Validation users per epoch (0: all).", min=0)
 
 

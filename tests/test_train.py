@@ -86,3 +86,33 @@ def test_corrupt_latest_checkpoint_falls_back(ray_local, tiny_prepared, tmp_path
     state = json.loads((Path(r3.checkpoint.path) / "train_state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     assert state["resumes"] == [{"epoch": 1, "step": spe, "fallback": True}]
+
+
+def test_step_checkpoints_resume_mid_epoch_without_repeating_a_step(ray_local, tiny_prepared, tmp_path):
+    """``train.checkpoint_every_steps``: a worker killed mid-epoch (right after a step checkpoint)
+    resumes from that step, not from the epoch start, and ends with the same optimizer steps and
+    the same weights as an uninterrupted run (a repeated or skipped step would change them)."""
+    from safetensors.torch import load_file
+    over = {"pretrain.epochs": 2, "pretrain.sample_mode": "prefix", "train.max_failures": 2,
+            "train.checkpoint_every_steps": 4, "id_model.dropout": 0.0}
+    cfg = tiny_cfg(tmp_path, tiny_prepared, **over)
+    spe = steps_per_epoch(tiny_prepared, cfg)
+    fail = (spe // 4 + 1) * 4  # the first step checkpoint of epoch 2
+    assert spe < fail < 2 * spe, (spe, fail)
+    crashed = run(cfg, tiny_prepared, "steps", fail_at_step=fail)
+    assert (tmp_path / "runs" / "steps" / "failed_once").exists()  # the worker process really died
+    state = json.loads((Path(crashed.checkpoint.path) / "train_state.json").read_text())
+    assert state["resumes"] == [{"epoch": 1, "step": fail, "fallback": False}]
+    assert crashed.metrics["epoch"] == 2 and crashed.metrics["step"] == 2 * spe
+    assert [h["epoch"] for h in state["history"]] == [1, 2] and state["epoch_step"] == 0
+    ref = run(tiny_cfg(tmp_path, tiny_prepared, **over), tiny_prepared, "steps_ref")
+    assert ref.metrics["step"] == crashed.metrics["step"]
+    a = load_file(str(Path(crashed.checkpoint.path) / "trainable.safetensors"))
+    b = load_file(str(Path(ref.checkpoint.path) / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+    without = tiny_cfg(tmp_path, tiny_prepared, **{**over, "train.checkpoint_every_steps": 0})
+    other = run(without, tiny_prepared, "epochs_only", fail_at_step=fail)  # resumes from epoch 1: same result
+    c = load_file(str(Path(other.checkpoint.path) / "trainable.safetensors"))
+    assert all(np.allclose(a[k].numpy(), c[k].numpy(), atol=1e-6) for k in a)
+    assert json.loads((Path(other.checkpoint.path) / "train_state.json").read_text())["resumes"] == [
+        {"epoch": 1, "step": spe, "fallback": False}]

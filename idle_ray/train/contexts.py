@@ -82,5 +82,6 @@ class LocalContext:
     def report(self, metrics: dict, ckpt_dir: str | None):
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
         if ckpt_dir:
-            dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}"
+            step = f"_step{metrics['step']:07d}" if metrics.get("step_checkpoint") else ""
+            dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}{step}"
             shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)

@@ -109,6 +109,21 @@ def crash_once(run_dir: str) -> None:
         os._exit(1)  # simulate a crashed worker process (fault-tolerance test)
 
 
+def step_checkpoint(engine, model, ctx, state: dict, best_keep: str, weights_meta: dict) -> None:
+    """A mid-epoch checkpoint (``train.checkpoint_every_steps``): the loop state with ``epoch_step``,
+    the best weights so far when there are any; reported with ``step_checkpoint: 1`` and no
+    validation (not forwarded to Tune, see :class:`idle_ray.tune.search.EpochReportCallback`)."""
+    import torch.distributed as dist
+    ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta)
+    if ctx.rank == 0 and os.path.exists(best_keep):
+        shutil.copy(best_keep, os.path.join(ckpt_dir, "best_" + CKPT_WEIGHTS))
+    ctx.report({"epoch": state["epoch"], "step": state["step"], "epoch_step": state["epoch_step"],
+                "step_checkpoint": 1}, ckpt_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if dist.is_initialized() and ctx.world > 1:
+        dist.barrier()
+
+
 def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     """Train ``model`` for the run ``config`` describes (see ``worker``) -> the run's final numbers."""
     import torch.distributed as dist
@@ -151,10 +166,16 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
         model.train()
         acc = {}
         t_log, n_log = time.perf_counter(), 0
-        for batch in in_step(ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]), ctx.world,
-                             device):
+        # A step checkpoint resumes mid-epoch: the epoch's stream is the same (seeded), its first
+        # `epoch_step` batches were trained on already and are passed over.
+        skip = state.get("epoch_step", 0)
+        for index, batch in enumerate(in_step(ctx.batches("train", batch_size, seed=cfg.seed * 1000 + state["epoch"]),
+                                              ctx.world, device)):
+            if index < skip:
+                continue
             out = train_step(engine, batch, device)
             state["step"] += 1
+            state["epoch_step"] = index + 1
             n = len(batch["target"])
             if timed is None:  # throughput clock starts after the first step (warm-up: kernels, buckets)
                 timed = {"t0": time.perf_counter(), "samples": 0, "tokens": 0}
@@ -167,6 +188,8 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
             for k, v in out.items():
                 if v.dim() == 0:
                     acc[k] = acc.get(k, 0.0) + float(v.detach())
+            if tr.checkpoint_every_steps and state["step"] % tr.checkpoint_every_steps == 0:
+                step_checkpoint(engine, model, ctx, state, best_keep, weights_meta)
             if fail_at is not None and state["step"] == fail_at and ctx.rank == ctx.world - 1:
                 crash_once(config["run_dir"])
             if state["step"] % tr.log_every == 0 or state["step"] == total_steps:
@@ -177,6 +200,7 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
                 done = True
                 break
         state["epoch"] += 1
+        state["epoch_step"] = 0
         val = evaluate_split(engine.module, ctx, "valid", cfg.eval.batch_size, validation_protocols(cfg), cfg.seed,
                              device, max_users=tr.eval_max_users if not pretrain else 0)
         score = selection_score(cfg, val)

@@ -129,8 +129,16 @@ def train_driver_fn(params: dict, *, experiment: dict, prepared: str, id_artifac
     # already trained first, so ASHA and the result files see every epoch exactly once.
     for metrics in trained_epochs(storage.join(cfg.train.storage_path, run_name)):
         tune.report(metrics)
+    class EpochReportCallback(TuneReportCallback):
+        """Forwards epoch reports only: a step checkpoint (``train.checkpoint_every_steps``) has no
+        validation metrics, and Tune's scheduler and result files count epochs."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics[0].get("step_checkpoint"):
+                super().after_report(run_context, metrics, checkpoint)
+
     result = run_training(cfg, load_prepared(prepared), task="adapter", run_name=run_name,
-                          id_artifact=id_artifact, extra_callbacks=[TuneReportCallback()])
+                          id_artifact=id_artifact, extra_callbacks=[EpochReportCallback()])
     if result.error:
         raise result.error
 
