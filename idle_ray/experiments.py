@@ -144,7 +144,13 @@ def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS,
     prepared = builders.prepare_from_config(cfg)
     log(format_summary(prepared))
     records = [rec for seed in seeds for rec in run_seed(dataclasses.replace(cfg, seed=seed), prepared, rows, log)]
-    total = time.time() - t0
+    write_results(cfg, prepared, records, rows, seeds, out, time.time() - t0, log)
+    return records
+
+
+def write_results(cfg: ExperimentConfig, prepared, records: list[dict], rows, seeds, out: str, total: float,
+                  log=print) -> None:
+    """The table (mean ± std over seeds), IDLE vs the best baseline, ``out/results.{md,json,png}``."""
     title = (f"{prepared.manifest['dataset']} test, full ranking over {prepared.num_items:,} items, "
              f"{prepared.manifest['num_users']} users; backbone {cfg.llm.backbone}; seeds "
              f"{', '.join(map(str, seeds))}")
@@ -156,11 +162,42 @@ def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS,
     log("\n" + text + f"\n\nwall time {total / 60:.1f} min")
     write_text(os.path.join(out, "results.md"), text + f"\n\nconfig hash {config_hash(cfg)}, data fingerprint "
                f"{prepared.fingerprint[:12]}, wall time {total / 60:.1f} min\n")
-    write_json(os.path.join(out, "results.json"), {"config_hash": config_hash(cfg), "seeds": seeds,
+    write_json(os.path.join(out, "results.json"), {"config_hash": config_hash(cfg), "seeds": list(seeds),
                                                    "data_fingerprint": prepared.fingerprint,
                                                    "wall_seconds": round(total, 1), "comparison": compared,
                                                    "records": records})
     bar_plot({labels[row]: [r["test"]["full"] for r in records if r["row"] == row] for row in rows},
              COLUMNS, os.path.join(out, "results.png"), title)
     log(f"[main] wrote {out}/results.md, results.json, results.png")
+
+
+def merge_results(cfg: ExperimentConfig, paths: list[str], out: str, log=print) -> list[dict]:
+    """Tables from saved ``results.json`` files (e.g. seeds run as separate jobs), without training:
+    their records (per-user ranks included) pooled, one seed once. The files must come from
+    ``cfg`` (same config hash) and the same data."""
+    import json
+
+    from idle_ray.train import builders
+    prepared = builders.prepare_from_config(cfg, log=lambda *a: None)
+    records, seen, total = [], set(), 0.0
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--from-results: cannot read {path} ({e})") from None
+        if saved.get("config_hash") != config_hash(cfg) or saved.get("data_fingerprint") != prepared.fingerprint:
+            raise ConfigError(f"--from-results: {path} comes from another config or data (config hash "
+                              f"{saved.get('config_hash')}, this config's {config_hash(cfg)}): pass the --config "
+                              f"and --set that produced it")
+        for rec in saved["records"]:
+            key = (rec["row"], rec["seed"])
+            if key in seen:
+                raise ConfigError(f"--from-results: row {rec['row']!r} seed {rec['seed']} appears twice (again in {path})")
+            seen.add(key)
+            records.append(rec)
+        total += float(saved.get("wall_seconds", 0.0))
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    write_results(cfg, prepared, records, rows, seeds, out, total, log)
     return records

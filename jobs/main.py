@@ -7,6 +7,7 @@ vs the best baseline with a paired bootstrap interval) and write it as Markdown 
 
     python jobs/main.py --config configs/main_ml100k.yaml                    (make run)
     python jobs/main.py --config configs/main_ml100k.yaml --seeds 0,1,2
+    python jobs/main.py --config configs/main_ml100k.yaml --from-results results/a/results.json,results/b/results.json
     ray job submit --working-dir . -- python jobs/main.py --config configs/main_ml100k.yaml
 """
 from __future__ import annotations
@@ -27,9 +28,17 @@ def main(argv=None):
     p.add_argument("--seeds", default="", help="comma list of seeds (default: the config's seed)")
     p.add_argument("--variants", default=",".join(DEFAULT_ROWS),
                    help=f"comma list of rows from {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)})")
+    p.add_argument("--from-results", default="",
+                   help="comma list of results.json files: pool their records (e.g. seeds run as separate jobs) "
+                        "and write the tables to --out, without training")
     args, cfg = cli.parse(p, argv)
     from idle_ray.config import ConfigError
-    from idle_ray.experiments import run_main_job
+    from idle_ray.experiments import merge_results, run_main_job
+
+    if args.from_results:
+        merge_results(cfg, [x.strip() for x in args.from_results.split(",") if x.strip()], args.out,
+                      log=functools.partial(print, flush=True))
+        return
 
     rows = [v.strip() for v in args.variants.split(",") if v.strip()]
     if [v for v in rows if v not in ROWS] or not rows:

