@@ -161,3 +161,40 @@ def test_config_file_that_is_not_utf8(tmp_path):
     p.write_bytes("name: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8 text \\(byte 0xe9"):
         load_config(p)
+
+
+def test_cache_hit_does_not_parse_the_input(tmp_path, monkeypatch):
+    from idle_ray.data import prepare
+    p = _write(tmp_path / "log.csv", synthetic_interactions())
+    first = prep(tmp_path, p)
+
+    def no_parse(*a, **k):
+        raise AssertionError("a cache hit parsed the input")
+    monkeypatch.setattr(prepare, "read_source", no_parse)
+    assert prep(tmp_path, p).path == first.path
+
+
+def test_stale_temp_folders_are_removed_but_not_a_live_builders(tmp_path):
+    """A killed preparation leaves ``.tmp-<entry>-*``; the next build removes it (and any whose entry
+    lock is free), but never the temp folder of a builder that holds its lock (another process)."""
+    import subprocess
+    import sys
+    p = _write(tmp_path / "log.csv", synthetic_interactions())
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / ".tmp-csv-0123456789ab-k1ll3d00"  # what SIGKILL leaves (with its lock file)
+    (killed / "sequences").mkdir(parents=True)
+    (out / ".csv-0123456789ab.lock").write_text("")
+    live = out / ".tmp-csv-fedcba987654-l1ve0000"
+    live.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from filelock import FileLock; "
+        f"l = FileLock({str(out / '.csv-fedcba987654.lock')!r}); l.acquire(); print('held', flush=True); "
+        "time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ds = prep(tmp_path, p)
+        assert ds.path.parent == out and not killed.exists() and live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
