@@ -147,10 +147,8 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
             log(f"[prepare] cache hit: {final} (prepared by another process meanwhile)")
             return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
         # Parsed only on a cache miss (the fingerprint above hashed the files' bytes).
-        inter, items, read = read_source(dataset, path, items_path, columns, rating=min_rating is not None,
-                                         delimiter=delimiter, encoding=encoding)
-        if [str(f) for f in read] != [str(f) for f in files]:
-            raise RuntimeError(f"read {read}, fingerprinted {files}: input_files and read_source disagree")
+        inter, items, _ = read_source(dataset, path, items_path, columns, rating=min_rating is not None,
+                                      delimiter=delimiter, encoding=encoding)
         return _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final,
                                min_user_interactions, min_item_interactions, rows_per_shard,
                                train_targets_per_user, log)

@@ -207,8 +207,7 @@ def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
                             "fill or drop the rows without a timestamp")
         if getattr(ts.dt, "tz", None) is not None:
             ts = ts.dt.tz_convert("UTC")
-        return ts.dt.as_unit("ns").astype(np.int64).to_numpy() if hasattr(ts.dt, "as_unit") else \
-            ts.astype("datetime64[ns]").astype(np.int64).to_numpy()
+        return ts.dt.as_unit("ns").astype(np.int64).to_numpy()
     if not pd.api.types.is_numeric_dtype(ts):
         text = ts.astype(str).str.strip()
         missing = (text == "") | ts.isna().to_numpy()
@@ -348,10 +347,10 @@ def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | 
     if kind == "atomic":
         inter = _normalise_interactions(_rename_columns(_read_atomic(p, encoding), p, columns, wanted), p, rating,
                                         mapped=True)
-        files = [p]
-        item_file = Path(items_path) if items_path else p.with_suffix(".item")
+        files = input_files(kind, path, items_path)
         items = None
-        if item_file.exists() or items_path:
+        if len(files) > 1:
+            item_file = files[1]
             raw = _rename_columns(_read_atomic(item_file, encoding), item_file, columns, ("item_id", "title"))
             if "title" not in raw.columns:
                 for alt in ("movie_title", "name", "item_name"):
@@ -359,18 +358,15 @@ def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | 
                         raw = raw.rename(columns={alt: "title"})
                         break
             items = _normalise_items(raw, item_file)
-            files.append(item_file)
         return inter, items, files
     inter = _normalise_interactions(_rename_columns(_read_table(p, kind, delimiter, encoding), p, columns, wanted),
                                     p, rating, mapped=True)
-    files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
     items = None
     if items_path:
         ip = Path(items_path)
         items = _normalise_items(_rename_columns(_read_table(ip, None, delimiter, encoding), ip, columns,
                                                  ("item_id", "title")), ip)
-        files.append(ip)
-    return inter, items, files
+    return inter, items, input_files(kind, path, items_path)
 
 
 ML100K_FILES = ("recbole", ("recbole/dataset_example/ml-100k/ml-100k.inter",
