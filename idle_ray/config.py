@@ -423,11 +423,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def experiment_from_dict(d: dict, source: str = "<worker config>") -> ExperimentConfig:
-    """The inverse of :func:`to_dict` for an :class:`ExperimentConfig` (how configs travel to workers)."""
-    return _build(ExperimentConfig, d, "", source)
-
-
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
     section (how a trained model is served) and ``adapter.anchor_weight`` (how a trained adapter is

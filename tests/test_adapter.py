@@ -558,6 +558,36 @@ def test_fusion_never_for_llm_only(backbones):
     assert model.fusion == "none" and model.adapter.head.proj.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", ["idle", "llm_only", "llara"])
+@pytest.mark.parametrize("name", TINY)
+def test_scoring_in_length_sorted_chunks_equals_one_pass_in_row_order(backbones, name, variant):
+    """full_sort_predict scores 70 ragged rows in chunks of similar length (32, 32, 6), each trimmed to
+    its longest row; the scores come back in the batch's row order and equal one pass over the whole
+    batch, anchored too; the chunks really are narrower than the batch."""
+    from idle_ray.adapter import model as model_module
+    from idle_ray.train.builders import IDModelTask
+    bb = backbones[name]
+    k = 0 if variant in ("llm_only", "llara") else K
+    encoder = PromptEncoder(bb.tokenizer, TEMPLATE, k, 5, 120, TITLES, bb.kind, item_slots=(variant == "llara"))
+    batch = encoder({"history": histories(seed=2, batch=70)})
+    model = make_model(bb, variant).eval()
+    widths, prepare = [], model._prepare
+
+    def recording_prepare(b):  # the width each forward runs at, after trimming
+        out = prepare(b)
+        widths.append(out["input_ids"].shape[1])
+        return out
+    model._prepare = recording_prepare
+    chunked = model.full_sort_predict(batch)
+    whole = model._predict(batch)
+    assert model_module.PREDICT_CHUNK == 32 and chunked.shape == whole.shape == (70, NUM_ITEMS + 1)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert len(widths) == 4 and min(widths[:3]) < widths[3] == max(widths)  # 3 chunks, then the whole batch
+    if variant == "idle":
+        model.set_anchor(IDModelTask(make_sasrec(seed=5)), 0.5)
+        torch.testing.assert_close(model.full_sort_predict(batch), model._predict(batch), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_anchor_adds_the_trained_correction_to_the_anchor_scores(backbones, name):
     """Test-time anchor: untrained, the anchored scores are the anchor's own (to 1e-5); trained, they are
