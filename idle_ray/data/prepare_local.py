@@ -41,7 +41,7 @@ class IdCodes:
     def __init__(self):
         self.index: dict = {}
 
-    def encode(self, ids: np.ndarray) -> np.ndarray:
+    def encode(self, ids: pd.Series) -> np.ndarray:
         """(n,) ids -> (n,) int32 codes; a dictionary lookup per distinct id of the chunk, not per row."""
         codes, uniq = pd.factorize(ids)
         index = self.index
@@ -77,8 +77,8 @@ def _scan(read_args: dict, min_rating, chunk_rows: int, paths: list[Path], log):
     n_rows = kept = 0
     for df in readers.interaction_frames(**read_args, chunk_rows=chunk_rows):
         rows = np.empty(len(df), ROW)
-        rows["user"] = users.encode(df["user_id"].to_numpy())
-        rows["item"] = items.encode(df["item_id"].to_numpy())
+        rows["user"] = users.encode(df["user_id"])
+        rows["item"] = items.encode(df["item_id"])
         rows["ts"] = df["timestamp"].to_numpy()
         rows["row"] = np.arange(n_rows, n_rows + len(df))
         n_rows += len(df)

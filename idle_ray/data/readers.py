@@ -310,8 +310,8 @@ def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, 
         if df[col].isna().any() or (df[col].astype(str) == "").any():
             raise DataError(path, col, "missing (empty) ids", f"fill or drop rows without a {col}")
     out = pd.DataFrame({
-        "user_id": df["user_id"].astype(str).to_numpy(),
-        "item_id": df["item_id"].astype(str).to_numpy(),
+        "user_id": df["user_id"].astype(str).array,
+        "item_id": df["item_id"].astype(str).array,
         "timestamp": ts,
     })
     if rating:
