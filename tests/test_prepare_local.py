@@ -89,6 +89,15 @@ def test_ml100k_identical(tmp_path, monkeypatch):
     assert local.manifest["stats"]["interactions"] == 99_287
 
 
+@pytest.mark.slow
+def test_ml1m_identical(tmp_path):
+    """One million rows in the default chunks and spill files (about a minute on 2 CPUs)."""
+    local = prepare_dataset("ml-1m", tmp_path / "local", engine="local", log=lambda *a: None)
+    memory = prepare_dataset("ml-1m", tmp_path / "memory", engine="memory", log=lambda *a: None)
+    assert_same_folder(local, memory)
+    assert local.manifest["stats"]["interactions"] == 999_611
+
+
 def test_errors_in_a_later_chunk_name_the_file_row(tmp_path):
     df = pd.DataFrame({"user_id": [f"u{k % 50}" for k in range(3000)], "item_id": [f"i{k % 40}" for k in range(3000)],
                        "timestamp": np.arange(3000)})

@@ -202,6 +202,7 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
         log(f"[prepare] dropped {dropped:,} exact duplicate rows")
     ucount, icount = _k_core(hashed, ucount, icount, min_user, min_item, log)
     check_filtered(ucount[ucount > 0], min_user, min_item, files[0])
+    log(f"[prepare] duplicates and k-core done ({time.perf_counter() - started:.0f} s)")
 
     firsts = []  # computed once, only if an order needs it
 

@@ -150,7 +150,9 @@ def _table_frames(path: Path, kind: str | None = None, delimiter: str = ",", enc
             if chunk_rows is None:
                 yield pq.read_table(path).to_pandas()
                 return
-            batches = ds.dataset(path, format="parquet", partitioning="hive").to_batches(batch_size=chunk_rows)
+            # little read-ahead: memory holds a few chunks, not 16 batches x 4 files
+            batches = ds.dataset(path, format="parquet", partitioning="hive").to_batches(
+                batch_size=chunk_rows, batch_readahead=1, fragment_readahead=1)
             for batch in batches:
                 yield pa.Table.from_batches([batch]).to_pandas()
         except (pa.ArrowInvalid, OSError) as e:
