@@ -6,8 +6,9 @@
 For each size: ``jobs/synth_log.py`` writes a seeded log (Parquet, string ids, power-law users and
 items, ties and duplicates; see :mod:`idle_ray.data.synthetic`) under ``--work``; then each engine
 prepares it in its own process (``jobs/prepare.py --no-stream``), one at a time: wall time,
-rows/s, the peak RSS of the process tree (sampled every 0.1 s, and the kernel's peak of the largest
-process), the prepared folder's size. ``legacy`` is ``jobs/prepare.py`` of the commit
+rows/s, CPU seconds (user + system: what the run cost, whatever else the machine ran), the peak
+RSS of the process tree (sampled every 0.1 s, and the kernel's peak of the largest process), the
+prepared folder's size. ``legacy`` is ``jobs/prepare.py`` of the commit
 ``--legacy-ref`` (checked out once as a detached ``git worktree`` under ``--work``), run up to
 ``--legacy-max`` rows; where both ran, their prepared folders are compared file by file. Data and
 outputs are deleted after each size (``--keep`` keeps them).
@@ -28,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_measured(cmd: list[str], cwd: Path) -> dict:
-    """Run ``cmd``; wall seconds and peak RSS (GiB) of its process tree."""
+    """Run ``cmd``; wall seconds, CPU seconds (user + system) and peak RSS (GiB) of its process tree."""
     import psutil
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root, peak = psutil.Process(proc.pid), 0
@@ -47,9 +49,10 @@ def run_measured(cmd: list[str], cwd: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}:\n{out[-3000:]}")
     # ru_maxrss (KiB) is the largest child so far: it tells only when this child set a new maximum
-    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": wall, "peak_rss_gib": max(peak, largest * 1024 if largest > before else 0) / 2 ** 30,
-            "output": out}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    largest = usage.ru_maxrss
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime - cpu_before,
+            "peak_rss_gib": max(peak, largest * 1024 if largest > before else 0) / 2 ** 30, "output": out}
 
 
 def prepared_folder(out_dir: Path) -> Path:
@@ -115,7 +118,8 @@ def main(argv=None):
                 folders[engine] = prepared_folder(out)
                 m = json.loads((folders[engine] / "manifest.json").read_text())
                 row = {"interactions": n, "engine": engine, "wall_s": round(r["wall_s"], 1),
-                       "rows_per_s": round(n / r["wall_s"]), "peak_rss_gib": round(r["peak_rss_gib"], 2),
+                       "rows_per_s": round(n / r["wall_s"]), "cpu_s": round(r["cpu_s"], 1),
+                       "cpu_us_per_row": round(1e6 * r["cpu_s"] / n, 2), "peak_rss_gib": round(r["peak_rss_gib"], 2),
                        "output_mib": round(folder_bytes(folders[engine]) / 2 ** 20, 1),
                        "users": m["num_users"], "items": m["num_items"], "kept": m["stats"]["interactions"]}
                 if engine != "legacy" and "legacy" in folders:
@@ -130,12 +134,13 @@ def main(argv=None):
         if not args.keep and (work / f"legacy-{args.legacy_ref}").is_dir():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(work / f"legacy-{args.legacy_ref}")], capture_output=True)
-    print("\n| interactions | engine | wall (s) | rows/s | peak RSS (GiB) | output (MiB) | identical to legacy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| interactions | engine | wall (s) | rows/s | CPU (s) | CPU µs/row | peak RSS (GiB) | output (MiB) | "
+          "identical to legacy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = {True: "yes", False: "**no**"}.get(r.get("identical_to_legacy"), "")
-        print(f"| {r['interactions']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['rows_per_s']:,} | "
-              f"{r['peak_rss_gib']:.2f} | {r['output_mib']:.1f} | {same} |")
+        print(f"| {r['interactions']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['rows_per_s']:,} | {r['cpu_s']:.0f} | "
+              f"{r['cpu_us_per_row']:.2f} | {r['peak_rss_gib']:.2f} | {r['output_mib']:.1f} | {same} |")
 
 
 if __name__ == "__main__":

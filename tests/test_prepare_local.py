@@ -89,9 +89,8 @@ def test_ml100k_identical(tmp_path, monkeypatch):
     assert local.manifest["stats"]["interactions"] == 99_287
 
 
-@pytest.mark.slow
 def test_ml1m_identical(tmp_path):
-    """One million rows in the default chunks and spill files (about a minute on 2 CPUs)."""
+    """A million rows in the default chunks and spill files (a few seconds)."""
     local = prepare_dataset("ml-1m", tmp_path / "local", engine="local", log=lambda *a: None)
     memory = prepare_dataset("ml-1m", tmp_path / "memory", engine="memory", log=lambda *a: None)
     assert_same_folder(local, memory)
