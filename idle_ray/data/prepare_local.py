@@ -17,6 +17,7 @@ Memory: the distinct ids and count arrays (O(users + items)), one input chunk, o
 """
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -61,6 +62,11 @@ def partition_count(files: list[Path]) -> int:
     return int(min(MAX_PARTITIONS, 1 + size // INPUT_BYTES_PER_PARTITION))
 
 
+def _peak() -> str:
+    """This process's peak RSS so far (Linux reports KiB)."""
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
+
+
 def _spill(paths: list[Path], rows: np.ndarray, part: np.ndarray) -> None:
     """Append ``rows`` to ``paths[part]`` (file order kept within each)."""
     order = np.argsort(part, kind="stable")
@@ -87,7 +93,7 @@ def _scan(read_args: dict, min_rating, chunk_rows: int, paths: list[Path], log):
         kept += len(rows)
         _spill(paths, rows, rows["user"] % len(paths))
         if n_rows // LOG_EVERY_ROWS > (n_rows - len(df)) // LOG_EVERY_ROWS:
-            log(f"[prepare] read {n_rows:,} rows")
+            log(f"[prepare] read {n_rows:,} rows ({_peak()})")
     return users, items, n_rows, kept
 
 
@@ -190,7 +196,7 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
     raw_stats = {"users": len(users), "items": len(items), "interactions": n_rows}
     log(f"[prepare] {read_args['dataset']}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
         f"{raw_stats['interactions']:,} interactions before filtering ({n_parts} spill files, "
-        f"{time.perf_counter() - started:.0f} s)")
+        f"{time.perf_counter() - started:.0f} s, {_peak()})")
     item_table = readers.read_items(read_args["dataset"], read_args["path"], items_path, read_args["columns"],
                                     read_args["delimiter"], read_args["encoding"])
     check_titles(item_table, set(items.index), read_args["dataset"], items_path or str(files[-1]))
@@ -202,7 +208,7 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
         log(f"[prepare] dropped {dropped:,} exact duplicate rows")
     ucount, icount = _k_core(hashed, ucount, icount, min_user, min_item, log)
     check_filtered(ucount[ucount > 0], min_user, min_item, files[0])
-    log(f"[prepare] duplicates and k-core done ({time.perf_counter() - started:.0f} s)")
+    log(f"[prepare] duplicates and k-core done ({time.perf_counter() - started:.0f} s, {_peak()})")
 
     firsts = []  # computed once, only if an order needs it
 
@@ -212,6 +218,7 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
         return firsts[which]
     user_order, dense_u = _dense_ids(users, ucount, lambda: first_rows(0))
     item_order, dense_i = _dense_ids(items, icount, lambda: first_rows(1))
+    log(f"[prepare] dense ids ({time.perf_counter() - started:.0f} s, {_peak()})")
     lengths = np.zeros(len(user_order), np.int64)
     lengths[dense_u[ucount > 0] - 1] = ucount[ucount > 0]
 
@@ -233,5 +240,5 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
         shards += write_shards(seq_dir, int(np.searchsorted(shard_range, r)), users_r, offsets, item_col, ts_col,
                                rows_per_shard)
         path.unlink()
-    log(f"[prepare] wrote {len(shards)} shards ({time.perf_counter() - started:.0f} s)")
+    log(f"[prepare] wrote {len(shards)} shards ({time.perf_counter() - started:.0f} s, {_peak()})")
     return Content(user_order, item_order, lengths, raw_stats, n_rows - kept, dropped, shards, item_table)
