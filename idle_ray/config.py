@@ -51,6 +51,10 @@ class DataConfig:
                    "for 'atomic' the .inter file (a sibling .item file supplies titles). Unused for ml-*.")
     items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title. Unused for ml-*.")
     output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint).")
+    engine: str = _f("local", "How preparation runs: 'local' (out of core: the input read in chunks, rows spilled to "
+                     "disk beside the output and sorted a part at a time; memory grows with users and items, not "
+                     "rows) or 'memory' (the whole log in pandas, ~0.25 GiB per million rows; the reference). "
+                     "Both write the same folder.", choices=("local", "memory"))
     columns: ColumnsConfig = _f(None, "Column names of your own files (data.dataset atomic/csv/parquet); the "
                                 "packaged ml-* files have fixed names.", factory=ColumnsConfig)
     delimiter: str = _f(",", "Field separator of your CSV files (data.dataset: csv), e.g. ';' or '\\t'.")

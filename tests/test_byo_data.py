@@ -164,14 +164,18 @@ def test_config_file_that_is_not_utf8(tmp_path):
 
 
 def test_cache_hit_does_not_parse_the_input(tmp_path, monkeypatch):
-    from idle_ray.data import prepare
+    from idle_ray.data import readers
     p = _write(tmp_path / "log.csv", synthetic_interactions())
     first = prep(tmp_path, p)
 
     def no_parse(*a, **k):
         raise AssertionError("a cache hit parsed the input")
-    monkeypatch.setattr(prepare, "read_source", no_parse)
+    for engine_reader in ("interaction_frames", "read_source"):  # the local and the memory engine's
+        monkeypatch.setattr(readers, engine_reader, no_parse)
+    with pytest.raises(AssertionError, match="parsed the input"):  # the patch is where the engines read
+        prep(tmp_path / "other", p)
     assert prep(tmp_path, p).path == first.path
+    assert prep(tmp_path, p, engine="memory").path == first.path
 
 
 def test_stale_temp_folders_are_removed_but_not_a_live_builders(tmp_path):

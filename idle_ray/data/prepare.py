@@ -27,18 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idle_ray.build_once import BuildLock, build_locked, is_complete
-from idle_ray.data.readers import DataError, fingerprint_files, input_files, read_source
+from idle_ray.data import readers
+from idle_ray.data.readers import DataError, fingerprint_files, input_files
+from idle_ray.data.sequences import (SEQUENCE_SCHEMA, Content, check_filtered, check_rating_kept, check_titles,
+                                     natural_order, sorted_sequences, write_shards)
 
 SCHEMA_VERSION = 1
-SEQUENCE_SCHEMA = pa.schema([
-    pa.field("user", pa.int32(), nullable=False),
-    pa.field("items", pa.list_(pa.int32()), nullable=False),
-    pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
-])
 ITEM_SCHEMA = pa.schema([("item", pa.int32()), ("original_id", pa.string()), ("title", pa.string())])
 USER_SCHEMA = pa.schema([("user", pa.int32()), ("original_id", pa.string())])
 DEFAULT_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "title": "title", "rating": "rating"}
-MIN_SEQUENCE = 3  # leave-one-out needs a train item, a valid target and a test target
+ENGINES = ("local", "memory")
 
 
 @dataclass
@@ -65,20 +63,6 @@ class PreparedDataset:
         for i, title in zip(t["item"].to_pylist(), t["title"].to_pylist()):
             titles[i] = title
         return titles
-
-
-def _natural_order(ids: np.ndarray) -> np.ndarray:
-    """Unique ids sorted numerically when they all are integers, else lexicographically."""
-    uniq = pd.unique(ids)
-    try:
-        return uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
-    except OverflowError:  # integers beyond int64 (e.g. 64-bit unsigned hashes): Python ints sort them
-        try:
-            return np.array(sorted(uniq, key=int), dtype=uniq.dtype)
-        except ValueError:
-            return np.sort(uniq)
-    except ValueError:
-        return np.sort(uniq)
 
 
 def k_core(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
@@ -116,12 +100,19 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                     min_user_interactions: int = 5, min_item_interactions: int = 5,
                     rows_per_shard: int = 500, train_targets_per_user: int = 0,
                     min_rating: float | None = None, columns: dict | None = None,
-                    delimiter: str = ",", encoding: str = "utf-8", log=print) -> PreparedDataset:
+                    delimiter: str = ",", encoding: str = "utf-8", engine: str = "local",
+                    chunk_rows: int = 1_000_000, partitions: int = 0, log=print) -> PreparedDataset:
     """Read, filter, split and write a dataset; a cache hit returns the existing folder.
 
     ``min_rating``: keep rows rated >= it (before duplicate removal and k-core, as RecBole's
     ``val_interval``); ``columns``: ``data.columns`` (the names in the user's own files);
-    ``delimiter`` / ``encoding``: ``data.delimiter`` / ``data.encoding`` of the user's CSV and atomic files."""
+    ``delimiter`` / ``encoding``: ``data.delimiter`` / ``data.encoding`` of the user's CSV and atomic files.
+    ``engine``: ``data.engine``, "local" (out of core, :mod:`idle_ray.data.prepare_local`: input read in
+    chunks of ``chunk_rows`` rows, ``partitions`` spill files, 0: from the input size) or "memory" (the
+    whole log in pandas, the reference the local engine is tested against). Both write the same
+    folder, so the engine is not part of the fingerprint."""
+    if engine not in ENGINES:
+        raise DataError("<config>", "data.engine", f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
     files = input_files(dataset, path, items_path)
     settings = {"dataset": dataset, "min_user": min_user_interactions, "min_item": min_item_interactions,
                 "rows_per_shard": rows_per_shard, "train_targets_per_user": train_targets_per_user,
@@ -147,116 +138,84 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
             log(f"[prepare] cache hit: {final} (prepared by another process meanwhile)")
             return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
         # Parsed only on a cache miss (the fingerprint above hashed the files' bytes).
-        inter, items, _ = read_source(dataset, path, items_path, columns, rating=min_rating is not None,
-                                      delimiter=delimiter, encoding=encoding)
-        return _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final,
-                               min_user_interactions, min_item_interactions, rows_per_shard,
-                               train_targets_per_user, log)
+        read_args = {"dataset": dataset, "path": path, "columns": columns, "rating": min_rating is not None,
+                     "delimiter": delimiter, "encoding": encoding}
+
+        def write(tmp: Path) -> None:
+            if engine == "local":
+                from idle_ray.data.prepare_local import prepare_out_of_core
+                content = prepare_out_of_core(tmp, read_args, items_path, files, min_rating, min_user_interactions,
+                                              min_item_interactions, rows_per_shard, log, chunk_rows, partitions)
+            else:
+                content = _prepare_in_memory(tmp, read_args, items_path, files, min_rating, min_user_interactions,
+                                             min_item_interactions, rows_per_shard, log)
+            _write_vocab_and_manifest(tmp, content, dataset, files, settings, fp, train_targets_per_user)
+
+        build_locked(final, write, what="prepare", log=log)  # the caller holds the lock
+        return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
 
 
-def _prepare_locked(dataset, inter, items, files, items_path, settings, fp, final, min_user_interactions,
-                    min_item_interactions, rows_per_shard, train_targets_per_user, log) -> PreparedDataset:
+def _prepare_in_memory(tmp: Path, read_args: dict, items_path: str, files: list[Path], min_rating,
+                       min_user: int, min_item: int, rows_per_shard: int, log) -> Content:
+    """The whole log in pandas (``data.engine: memory``): about 0.25 GiB per million rows."""
+    inter, items, _ = readers.read_source(**read_args, items_path=items_path)
     raw_stats = {"users": int(inter["user_id"].nunique()), "items": int(inter["item_id"].nunique()),
                  "interactions": int(len(inter))}
-    log(f"[prepare] {dataset}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
+    log(f"[prepare] {read_args['dataset']}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
         f"{raw_stats['interactions']:,} interactions before filtering")
-    if items is not None:
-        known = set(items["item_id"])
-        interacted = set(inter["item_id"])
-        missing = interacted - known
-        src = items_path or str(files[-1])
-        if missing:
-            raise DataError(src, "item_id", f"{len(missing)} interacted item(s) have no title, e.g. {sorted(missing)[:3]}",
-                            "add a title row for every item in the interactions (same id format)")
-        extra = known - interacted
-        if extra and dataset not in ("ml-100k", "ml-1m"):
-            raise DataError(src, "item_id", f"{len(extra)} item(s) in the title table never occur in the "
-                            f"interactions, e.g. {sorted(extra)[:3]} (an id format mismatch?)",
-                            "make item ids in both files match, or remove the unknown rows")
-
+    check_titles(items, set(inter["item_id"]), read_args["dataset"], items_path or str(files[-1]))
     rating_dropped = 0
-    if "rating" in inter.columns:
-        keep = inter["rating"].to_numpy() >= settings["min_rating"]
+    if min_rating is not None:
+        keep = inter["rating"].to_numpy() >= min_rating
         rating_dropped = int((~keep).sum())
         inter = inter[keep].drop(columns="rating")
-        log(f"[prepare] kept {len(inter):,} interactions rated >= {settings['min_rating']:g} "
-            f"(dropped {rating_dropped:,})")
-        if len(inter) == 0:
-            raise DataError(files[0], "rating", f"no interaction is rated >= {settings['min_rating']:g}",
-                            "lower data.min_rating, or set it to null")
+        log(f"[prepare] kept {len(inter):,} interactions rated >= {min_rating:g} (dropped {rating_dropped:,})")
+        check_rating_kept(len(inter), min_rating, files[0])
     n0 = len(inter)
     inter = inter.drop_duplicates(keep="first")
     dropped_dups = n0 - len(inter)
     if dropped_dups:
         log(f"[prepare] dropped {dropped_dups:,} exact duplicate rows")
-
-    inter = k_core(inter, min_user_interactions, min_item_interactions)
-    if len(inter) == 0:
-        raise DataError(files[0], "user_id", f"no user keeps >= {min_user_interactions} interactions after "
-                        f"{min_user_interactions}/{min_item_interactions}-core filtering",
-                        "lower data.min_user_interactions / data.min_item_interactions, or give more data")
-    counts = inter["user_id"].value_counts()
-    if (counts < MIN_SEQUENCE).any():  # only reachable when min_user < 3 is forced past config checks
-        raise DataError(files[0], "user_id", f"{int((counts < MIN_SEQUENCE).sum())} users have < {MIN_SEQUENCE} "
-                        "interactions after filtering", "set data.min_user_interactions >= 3")
-
+    inter = k_core(inter, min_user, min_item)
+    check_filtered(inter["user_id"].value_counts().to_numpy(), min_user, min_item, files[0])
     # Dense ids. The stable sort keeps file order for equal timestamps (the tie-break).
-    user_order = _natural_order(inter["user_id"].to_numpy())
-    item_order = _natural_order(inter["item_id"].to_numpy())
+    user_order = natural_order(inter["user_id"].to_numpy())
+    item_order = natural_order(inter["item_id"].to_numpy())
     user_idx = pd.Index(user_order).get_indexer(inter["user_id"]) + 1
     item_idx = pd.Index(item_order).get_indexer(inter["item_id"]) + 1
-    frame = pd.DataFrame({"user": user_idx.astype(np.int32), "item": item_idx.astype(np.int32),
-                          "ts": inter["timestamp"].to_numpy()})
-    frame = frame.sort_values(["user", "ts"], kind="stable")
-    users, starts, lengths = np.unique(frame["user"].to_numpy(), return_index=True, return_counts=True)
-    item_col = frame["item"].to_numpy()
-    ts_col = frame["ts"].to_numpy()
-    offsets = np.append(starts, len(frame)).astype(np.int64)
+    users, offsets, item_col, ts_col = sorted_sequences(user_idx.astype(np.int32), item_idx.astype(np.int32),
+                                                        inter["timestamp"].to_numpy())
+    (tmp / "sequences").mkdir()
+    shards = write_shards(tmp / "sequences", 0, users, offsets, item_col, ts_col, rows_per_shard)
+    return Content(user_order, item_order, np.diff(offsets), raw_stats, rating_dropped, dropped_dups, shards, items)
 
-    stats = _stats(lengths, len(item_order))
-    splits = {"train": train_sample_count(lengths, train_targets_per_user),
-              "valid": int(len(users)), "test": int(len(users))}
 
-    def write(tmp: Path) -> None:
-        (tmp / "sequences").mkdir()
-        (tmp / "vocab").mkdir()
-        shard_files = []
-        for s, lo in enumerate(range(0, len(users), rows_per_shard)):
-            hi = min(lo + rows_per_shard, len(users))
-            o = offsets[lo:hi + 1]
-            rel = o - o[0]
-            items_arr = pa.ListArray.from_arrays(pa.array(rel, pa.int32()),
-                                                 pa.array(item_col[o[0]:o[-1]], pa.int32()))
-            ts_arr = pa.ListArray.from_arrays(pa.array(rel, pa.int32()), pa.array(ts_col[o[0]:o[-1]], pa.int64()))
-            table = pa.Table.from_arrays([pa.array(users[lo:hi], pa.int32()), items_arr, ts_arr],
-                                         schema=SEQUENCE_SCHEMA)
-            name = f"part-{s:05d}.parquet"
-            pq.write_table(table, tmp / "sequences" / name)
-            shard_files.append(f"sequences/{name}")
-        titles = dict(zip(items["item_id"], items["title"])) if items is not None else {}
-        pq.write_table(pa.Table.from_pydict({
-            "item": np.arange(1, len(item_order) + 1, dtype=np.int32),
-            "original_id": [str(x) for x in item_order],
-            "title": [titles.get(x, str(x)) for x in item_order]}, schema=ITEM_SCHEMA),
-            tmp / "vocab" / "items.parquet")
-        pq.write_table(pa.Table.from_pydict({
-            "user": np.arange(1, len(user_order) + 1, dtype=np.int32),
-            "original_id": [str(x) for x in user_order]}, schema=USER_SCHEMA), tmp / "vocab" / "users.parquet")
-        vocab_fp = hashlib.sha256("\n".join(map(str, item_order)).encode()).hexdigest()[:16]
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "dataset": dataset, "fingerprint": fp,
-            "vocab_fingerprint": vocab_fp, "settings": settings, "input_files": [p.name for p in files],
-            "num_users": int(len(users)), "num_items": int(len(item_order)),
-            "raw": raw_stats, "rating_dropped": rating_dropped, "duplicates_dropped": int(dropped_dups),
-            "stats": stats, "splits": splits,
-            "train_targets_per_user": train_targets_per_user,
-            "schema": {f.name: str(f.type) for f in SEQUENCE_SCHEMA},
-            "shards": shard_files, "vocabulary": "vocab/items.parquet", "users": "vocab/users.parquet",
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-    build_locked(final, write, what="prepare", log=log)  # the caller holds the lock
-    return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+def _write_vocab_and_manifest(tmp: Path, c: Content, dataset: str, files: list[Path], settings: dict, fp: str,
+                              train_targets_per_user: int) -> None:
+    (tmp / "vocab").mkdir()
+    titles = dict(zip(c.items["item_id"], c.items["title"])) if c.items is not None else {}
+    pq.write_table(pa.Table.from_pydict({
+        "item": np.arange(1, len(c.item_order) + 1, dtype=np.int32),
+        "original_id": [str(x) for x in c.item_order],
+        "title": [titles.get(x, str(x)) for x in c.item_order]}, schema=ITEM_SCHEMA),
+        tmp / "vocab" / "items.parquet")
+    pq.write_table(pa.Table.from_pydict({
+        "user": np.arange(1, len(c.user_order) + 1, dtype=np.int32),
+        "original_id": [str(x) for x in c.user_order]}, schema=USER_SCHEMA), tmp / "vocab" / "users.parquet")
+    vocab_fp = hashlib.sha256("\n".join(map(str, c.item_order)).encode()).hexdigest()[:16]
+    n_users = len(c.user_order)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "dataset": dataset, "fingerprint": fp,
+        "vocab_fingerprint": vocab_fp, "settings": settings, "input_files": [p.name for p in files],
+        "num_users": n_users, "num_items": len(c.item_order),
+        "raw": c.raw_stats, "rating_dropped": int(c.rating_dropped), "duplicates_dropped": int(c.duplicates_dropped),
+        "stats": _stats(c.lengths, len(c.item_order)),
+        "splits": {"train": train_sample_count(c.lengths, train_targets_per_user), "valid": n_users, "test": n_users},
+        "train_targets_per_user": train_targets_per_user,
+        "schema": {f.name: str(f.type) for f in SEQUENCE_SCHEMA},
+        "shards": c.shards, "vocabulary": "vocab/items.parquet", "users": "vocab/users.parquet",
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def load_prepared(path: str | Path) -> PreparedDataset:

