@@ -223,6 +223,32 @@ def test_every_install_path_installs_what_setup_sh_installs():
     assert used == assets, (used, assets)
 
 
+def _tune_cfg(overrides=()):
+    if str(REPO) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on the path
+        sys.path.insert(0, str(REPO))
+    from idle_ray.config import load_config
+    return load_config(REPO / "configs/tune_ml1m.yaml", list(overrides))
+
+
+def test_tune_concurrency_on_the_shipped_clusters():
+    """The search on each shipped cluster runs as many trials as its maximum holds (2 GPUs per trial of
+    tune_ml1m), not as its starting size (0 GPU workers) holds; KubeRay's job names it."""
+    from idle_ray.tune.capacity import max_resources_from_autoscaler_config
+    from idle_ray.tune.search import max_concurrent_trials
+
+    cfg = _tune_cfg()
+    for path in LAUNCHER_FILES:  # the config `ray up` leaves on the head for its autoscaler
+        most = max_resources_from_autoscaler_config(_validate_launcher(_load(path)))
+        assert most["GPU"] == 4 and most["CPU"] == 32, (path.name, most)
+        assert max_concurrent_trials(cfg, most) == 2, path.name
+    doc = _load(CLUSTER / "kuberay/rayjob-tune.yaml")
+    most = max_resources_from_autoscaler_config(_validate_kuberay(doc))
+    assert most["GPU"] == 8, most
+    _, config, overrides = _entrypoint(doc)
+    job_cfg = _tune_cfg(overrides)
+    assert job_cfg.tune.max_concurrent_trials == max_concurrent_trials(_tune_cfg(["train.use_gpu=true"]), most) == 4
+
+
 @pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_ids(LAUNCHER_FILES))
 def test_launcher_keeps_token_auth_on_every_node(path):
     cfg = _validate_launcher(_load(path))
