@@ -84,11 +84,13 @@ def checkpoints(run_dir: str) -> list[str]:
     return [join(run_dir, name) for name in reversed(subfolders(run_dir, "checkpoint_"))]
 
 
-def check_uri(storage_path: str, field: str = "train.storage_path", write: bool = True) -> None:
+def check_uri(storage_path: str, field: str = "train.storage_path", write: bool = True, where: str = "") -> None:
     """Fail at config time, with the field and the fix, when a URI cannot hold a run.
 
     Resolves the URI, checks the bucket exists and (``write``) writes + deletes a small probe
     object, so missing credentials or a read-only role show up now and not after the first epoch.
+    ``where`` names the machine in the message when it is not the driver's (e.g. " from a Train
+    worker's node 10.0.0.7").
     """
     hint = ("Fix: check the bucket name, the machine's credentials (instance profile / service account / "
             "AWS_* or GOOGLE_APPLICATION_CREDENTIALS variables) and, for an S3-compatible server, "
@@ -104,7 +106,7 @@ def check_uri(storage_path: str, field: str = "train.storage_path", write: bool 
     try:
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise ConfigError(f"field '{field}' = {storage_path!r}: bucket {bucket!r} does not exist "
-                              f"(or is not visible with these credentials). {hint}")
+                              f"(or is not visible with these credentials){where}. {hint}")
         if write:
             probe = posixpath.join(path, f".idle_ray_probe-{uuid.uuid4().hex}")
             with fs.open_output_stream(probe) as f:
@@ -113,7 +115,7 @@ def check_uri(storage_path: str, field: str = "train.storage_path", write: bool 
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - network, permission and endpoint errors alike
-        raise ConfigError(f"field '{field}' = {storage_path!r}: cannot {'write' if write else 'read'} there "
+        raise ConfigError(f"field '{field}' = {storage_path!r}: cannot {'write' if write else 'read'} there{where} "
                           f"({first_line(e)}). "
                           f"{hint}") from None
 

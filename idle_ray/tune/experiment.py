@@ -89,7 +89,7 @@ def run_search(cfg: ExperimentConfig, grid: bool = False, baselines: list[str] =
     log(format_summary(prepared))
     artifact, _ = pretrain(cfg, prepared, log=log)
     ensure_ray()
-    check_storage(cfg.train.storage_path, cfg.train.num_workers)
+    check_storage(cfg.train.storage_path, cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     cfg, exp = experiment_location(cfg, grid)
     storage, name = cfg.train.storage_path, experiment_name(cfg, grid)
     most, source = cluster_max_resources()
