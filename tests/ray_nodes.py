@@ -78,7 +78,10 @@ def start_head(log_path: Path, temp_dir: str, *, num_cpus: float = 2, args: tupl
            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
            f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
            f"--object-store-memory={256 * 1024 ** 2}", f"--temp-dir={temp_dir}", *args]
-    proc = _spawn(cmd, log_path, node_env(env), temp_dir)
+    # Ray Train's placement-group cleaner finds the state API by auto-detection, which fails when
+    # several Ray instances share the machine: name this head's (every node inherits it).
+    api = {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{dash_port}"}
+    proc = _spawn(cmd, log_path, node_env({**api, **(env or {})}), temp_dir)
     return proc, f"{LOOPBACK}:{gcs_port}", f"http://{LOOPBACK}:{dash_port}"
 
 
@@ -160,9 +163,17 @@ def open_listeners(procs) -> list[str]:
         except psutil.Error:
             continue
         for c in conns:
-            if c.status == psutil.CONN_LISTEN and c.laddr.ip not in (LOOPBACK, "::1"):
+            if c.status == psutil.CONN_LISTEN and not _loopback(c.laddr.ip):
                 out.append(f"{name} {p.pid} {c.laddr.ip}:{c.laddr.port}")
     return out
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, or 127.0.0.1 as a dual-stack socket shows it (::ffff:127.0.0.1)."""
+    import ipaddress
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def stop_node(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
