@@ -206,7 +206,8 @@ class TuneConfig:
     reduction_factor: int = _f(2, "ASHA: keep the top 1/reduction_factor of trials at each rung.", min=2)
     random_trials: int = _f(4, "TPE: trials sampled at random before the model of the space is used.", min=1)
     max_concurrent_trials: int = _f(0, "Trials at once; 0: as many as the cluster's CPUs (GPUs when "
-                                    "train.use_gpu) hold, each trial needing its Train workers.", min=0)
+                                    "train.use_gpu) hold at its maximum size (what its autoscaler may add, "
+                                    "docs/cluster.md), each trial needing its Train workers.", min=0)
     grid: dict = _f(None, "Benchmark only: values per searched field for the full grid (empty: not used).",
                     factory=dict)
 

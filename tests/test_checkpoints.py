@@ -27,8 +27,9 @@ class Ctx:
         return self.latest
 
 
-def make_run(root, corrupt_latest: bool) -> str:
-    """A run folder with checkpoints of epochs 1 and 2 (Ray names sort oldest first)."""
+def make_run(root, corrupt_latest: bool, registered=("checkpoint_000001", "checkpoint_000002")) -> str:
+    """A run folder with checkpoints of epochs 1 and 2 (Ray names sort oldest first) and Ray Train's
+    snapshot registering ``registered`` (none: no snapshot, as before the first registration)."""
     run = root / "run"
     for epoch in (1, 2):
         d = run / f"checkpoint_00000{epoch}"
@@ -36,7 +37,17 @@ def make_run(root, corrupt_latest: bool) -> str:
         (d / CKPT_META).write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
     if corrupt_latest:
         (run / "checkpoint_000002" / CKPT_META).write_text("{ not json")
+    if registered:
+        register(str(run), registered)
     return str(run)
+
+
+def register(run: str, names) -> None:
+    """Ray Train's snapshot as it writes it: every kept checkpoint in registration order, the last latest."""
+    from idle_ray.train.checkpoints import TRAIN_SNAPSHOT
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    with open(os.path.join(run, TRAIN_SNAPSHOT), "w") as f:
+        json.dump({"checkpoint_results": results, "latest_checkpoint_result": results[-1]}, f)
 
 
 def restore(rank, world, run, best_keep):
@@ -97,9 +108,9 @@ def test_tune_replays_the_epochs_of_the_checkpoint_train_resumes_from(tmp_path):
     """A driver killed between a checkpoint's upload and its registration leaves a newer folder than
     the one Ray Train resumes from: the epochs a restarted Tune trial replays must be the resumed
     checkpoint's, or the epoch trained again is reported twice (CI saw epochs [1, 2, 2, 3])."""
-    from idle_ray.train.checkpoints import TRAIN_SNAPSHOT, resume_state
+    from idle_ray.train.checkpoints import resume_state
     from idle_ray.tune.search import trained_epochs
-    run = make_run(tmp_path, corrupt_latest=False)
+    run = make_run(tmp_path, corrupt_latest=False, registered=())
     for epoch in (1, 2):
         meta = os.path.join(run, f"checkpoint_00000{epoch}", CKPT_META)
         history = [{"epoch": e, "ndcg@10": 0.1 * e} for e in range(1, epoch + 1)]
@@ -107,15 +118,12 @@ def test_tune_replays_the_epochs_of_the_checkpoint_train_resumes_from(tmp_path):
             json.dump({"epoch": epoch, "step": 10 * epoch, "history": history}, f)
     # No snapshot yet: Train starts the run from scratch, so nothing is replayed.
     assert trained_epochs(run) == [] and resume_state(run) is None
-    snapshot = os.path.join(run, TRAIN_SNAPSHOT)
-    with open(snapshot, "w") as f:  # Train registered epoch 1 only; checkpoint_000002 is unregistered
-        json.dump({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000001", "metrics": {}}}, f)
+    register(run, ["checkpoint_000001"])  # Train registered epoch 1 only; checkpoint_000002 is unregistered
     replay = trained_epochs(run)
     assert [m["epoch"] for m in replay] == [1]
     assert replay[-1]["checkpoint_path"] == os.path.join(run, "checkpoint_000001")
     assert resume_state(run)[1]["epoch"] == 1
-    with open(snapshot, "w") as f:
-        json.dump({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002", "metrics": {}}}, f)
+    register(run, ["checkpoint_000001", "checkpoint_000002"])
     assert [m["epoch"] for m in trained_epochs(run)] == [1, 2]
     # The registered one unreadable: the worker falls back to the newest readable other one, and so does the replay.
     with open(os.path.join(run, "checkpoint_000002", CKPT_META), "w") as f:
@@ -123,6 +131,51 @@ def test_tune_replays_the_epochs_of_the_checkpoint_train_resumes_from(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert [m["epoch"] for m in trained_epochs(run)] == [1]
+
+
+def test_a_folder_ray_did_not_register_is_never_resumed_from(tmp_path):
+    """Uploads cut by a storage outage leave folders Ray Train never registered, newer or older than the
+    latest registered one, with the state file and part of DeepSpeed's folder: when the latest is
+    unreadable the run falls back to a registered checkpoint only."""
+    run = make_run(tmp_path, corrupt_latest=True)
+    for name, epoch in (("checkpoint_0000015", 2), ("checkpoint_000003", 3)):  # half-written, unregistered
+        d = tmp_path / "run" / name
+        (d / DS_TAG).mkdir(parents=True)
+        (d / CKPT_META).write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
+    loaded, resumes, _ = restore(0, 1, run, str(tmp_path / "best"))
+    assert loaded == 1 and resumes == [{"epoch": 1, "step": 10, "fallback": True}]
+
+
+def test_an_unreachable_storage_is_waited_for_then_named_never_a_fallback(monkeypatch):
+    """A checkpoint on storage that does not answer (an S3 endpoint nobody listens on) is neither
+    corrupt nor missing: choosing waits out the patience and stops with the location and the fix,
+    instead of passing over it to an older checkpoint."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from idle_ray.train import storage
+    from idle_ray.train.checkpoints import choose_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fs = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", access_key="k",
+                           secret_key="k", region="us-east-1")
+    monkeypatch.setattr(storage, "OUTAGE_PATIENCE_S", 3.0, raising=False)
+    candidates = [Checkpoint(f"bucket/run/checkpoint_00000{e}", filesystem=fs) for e in (2, 1)]
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            choose_checkpoint(candidates)
+        except Exception as e:  # noqa: BLE001 - checked below
+            error = e
+    assert not [w for w in caught if "trying an older one" in str(w.message)]  # no fallback was tried
+    assert type(error).__name__ == "StorageUnavailable", repr(error)
+    msg = str(error)
+    assert msg.startswith("reading bucket/run/checkpoint_000002/train_state.json: storage unreachable for 3 s (")
+    assert "Fix:" in msg and "resumes from the last checkpoint" in msg
+    assert any("retrying for up to 3 s" in str(w.message) for w in caught)
 
 
 class _Planted:

@@ -223,6 +223,89 @@ def test_every_install_path_installs_what_setup_sh_installs():
     assert used == assets, (used, assets)
 
 
+# What each launcher file must give its GPU workers so that they can write the bucket themselves,
+# and what its header must say about the permissions.
+WORKER_IDENTITY = {"aws.yaml": ("IamInstanceProfile", ["s3:ListBucket", "s3:GetObject", "s3:PutObject",
+                                                        "s3:DeleteObject", "aws iam create-instance-profile"]),
+                   "gcp.yaml": ("serviceAccounts", ["roles/storage.objectAdmin",
+                                                    "gcloud iam service-accounts create"])}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_ids(LAUNCHER_FILES))
+def test_launcher_workers_run_with_their_own_bucket_identity(path):
+    """Train workers upload their checkpoint shards with their own node's identity, not the head's."""
+    cfg = _validate_launcher(_load(path))
+    key, documented = WORKER_IDENTITY[path.name]
+    workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+    for name, group in workers.items():
+        identity = group["node_config"].get(key)
+        assert identity, f"{name}: no {key}"
+        names = [identity.get("Name") or identity.get("Arn")] if key == "IamInstanceProfile" else \
+            [a.get("email") for a in identity]
+        assert all(n and "idle-ray-worker" in n for n in names), identity
+    header = path.read_text().split("\n\n")[0]
+    for text in documented:
+        assert text in header, f"{path.name}: the header should show {text!r}"
+
+
+def _tune_cfg(overrides=()):
+    if str(REPO) not in sys.path:  # plain `pytest` puts tests/, not the repo root, on the path
+        sys.path.insert(0, str(REPO))
+    from idle_ray.config import load_config
+    return load_config(REPO / "configs/tune_ml1m.yaml", list(overrides))
+
+
+def test_tune_concurrency_on_the_shipped_clusters():
+    """The search on each shipped cluster runs as many trials as its maximum holds (2 GPUs per trial of
+    tune_ml1m), not as its starting size (0 GPU workers) holds; KubeRay's job names it."""
+    from idle_ray.tune.capacity import max_resources_from_autoscaler_config
+    from idle_ray.tune.search import max_concurrent_trials
+
+    cfg = _tune_cfg()
+    for path in LAUNCHER_FILES:  # the config `ray up` leaves on the head for its autoscaler
+        most = max_resources_from_autoscaler_config(_validate_launcher(_load(path)))
+        assert most["GPU"] == 4 and most["CPU"] == 32, (path.name, most)
+        assert max_concurrent_trials(cfg, most) == 2, path.name
+    doc = _load(CLUSTER / "kuberay/rayjob-tune.yaml")
+    most = max_resources_from_autoscaler_config(_validate_kuberay(doc))
+    assert most["GPU"] == 8, most
+    _, config, overrides = _entrypoint(doc)
+    job_cfg = _tune_cfg(overrides)
+    assert job_cfg.tune.max_concurrent_trials == max_concurrent_trials(_tune_cfg(["train.use_gpu=true"]), most) == 4
+
+
+SECRET_NAME = re.compile(r"(?i)(secret|password|passwd|token|access_key|credential|private_key|session)")
+
+
+def _env_var_names(text: str) -> list[str]:
+    """Variable names set in every ``env_vars`` mapping of ``text``: JSON (``--runtime-env-json``) or
+    YAML (``runtimeEnvYAML``, ``runtime_env``) blocks."""
+    names = []
+    for block in re.findall(r'"env_vars"\s*:\s*\{([^}]*)\}', text):
+        names += re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"\s*:', block)
+    for m in re.finditer(r"(?m)^(\s*)env_vars:\s*\n((?:\1\s+.*\n?)*)", text):
+        names += re.findall(r"(?m)^\s+([A-Za-z_][A-Za-z0-9_]*)\s*:", m.group(2))
+    for m in re.finditer(r"env_vars:\s*\{([^}]*)\}", text):
+        names += re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*:", m.group(1))
+    return names
+
+
+def test_no_doc_or_cluster_file_puts_secrets_in_a_job_env():
+    """A job's runtime environment is shown on the dashboard's job page: keys and tokens never go there."""
+    assert _env_var_names('--runtime-env-json \'{"env_vars": {"AWS_SECRET_ACCESS_KEY": "x", "A": "1"}}\'') == \
+        ["AWS_SECRET_ACCESS_KEY", "A"]
+    assert _env_var_names("runtime_env:\n  env_vars:\n    RAY_AUTH_TOKEN: abc\n    B: 2\nnext: 1\n") == \
+        ["RAY_AUTH_TOKEN", "B"]
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *ALL_FILES, CLUSTER / "Dockerfile",
+             *sorted((REPO / "configs").glob("*.yaml"))]
+    seen = 0
+    for path in files:
+        names = _env_var_names(path.read_text())
+        seen += len(names)
+        assert not [n for n in names if SECRET_NAME.search(n)], (path.name, names)
+    assert seen  # the docs do show env_vars (the endpoint, offline flags): the scan reads them
+
+
 @pytest.mark.parametrize("path", LAUNCHER_FILES, ids=_ids(LAUNCHER_FILES))
 def test_launcher_keeps_token_auth_on_every_node(path):
     cfg = _validate_launcher(_load(path))

@@ -2,10 +2,10 @@
 
 What this proves: the documented cluster path (``ray job submit --working-dir . -- python
 jobs/prepare.py ...``) works, not just the embedded ``ray.init()`` path the other tests use.
-The test starts its own ``ray start --head --block`` subprocess (own ports, own temp dir, own
-process group), submits ``jobs/prepare.py`` through ``JobSubmissionClient`` with the repository
-uploaded as the runtime-env ``working_dir`` (virtualenvs and data folders excluded), and checks
-that
+The test starts its own ``ray start --head --block`` subprocess (``tests/ray_nodes.py``: own ports
+on 127.0.0.1, own temp dir, own process group), submits ``jobs/prepare.py`` through
+``JobSubmissionClient`` with the repository uploaded as the runtime-env ``working_dir``
+(virtualenvs and data folders excluded), and checks that
 
 * the job SUCCEEDS, the driver (this test's interpreter) connects to the head (not to a new
   embedded Ray), writes ``<out>/csv-*/manifest.json`` with the right user count, and logs the
@@ -15,7 +15,9 @@ that
 * a tiny training job (``jobs/train.py`` with a YAML written by the test: pre-train a 16-wide
   SASRec, train IDLE on the 'tiny-decoder' backbone with 2 Ray Train workers at 0.5 CPU under
   DeepSpeed, test once) SUCCEEDS on the head's 2 CPUs and leaves its result JSON, the exported ID
-  model and an adapter checkpoint (best weights + step state) in the test's folders.
+  model and an adapter checkpoint (best weights + step state) in the test's folders;
+* after those jobs, no process of the head (GCS, raylet, dashboard, agents, workers) listens on any
+  address but 127.0.0.1.
 
 Note: ``python`` in an entrypoint is resolved through the head's PATH, not the head's
 interpreter; a head started as ``.venv/bin/ray start`` without an activated venv runs the
@@ -32,17 +34,15 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import ray_nodes
 from tiny_jobs import write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,139 +58,11 @@ N_USERS = 30
 N_ITEMS = 20
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that are free right now (all sockets held open until all are picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _alive(procs) -> list:
-    """The processes of ``procs`` that still run (zombies waiting to be reaped count as gone)."""
-    import psutil
-
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
-def _owned(proc: subprocess.Popen) -> list:
-    """The head's process and everything it started: its process group plus all descendants.
-
-    Ray workers (``ray::IDLE``, job drivers) call setsid and leave the head's process group, so
-    killing the group alone would miss them; they are found through the parent links instead.
-    """
-    import psutil
-
-    procs = {}
-    if proc.poll() is None:  # not reaped yet, so proc.pid cannot belong to another process
-        try:
-            leader = psutil.Process(proc.pid)
-            procs[leader.pid] = leader
-            for c in leader.children(recursive=True):
-                procs[c.pid] = c
-        except psutil.Error:
-            pass
-    # The group id stays reserved while any member lives, even after the leader was reaped.
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == proc.pid:
-                procs.setdefault(p.pid, p)
-        except (OSError, psutil.Error):
-            pass
-    return list(procs.values())
-
-
-def _stop_head(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """Stop the head by its own handle: SIGTERM its process group, SIGKILL what is left after 30 s.
-
-    The head runs with ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``: otherwise ``ray start
-    --block`` answers SIGTERM by asking the GCS to drain the node, the GCS (same group) is already
-    gone, and the RPC waits out its 30 s timeout, so every teardown would end in SIGKILL.
-    """
-    owned = _owned(proc)  # before the signal: workers are found through their parents
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # start_new_session=True: the head leads its group
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None and not _alive(owned + _owned(proc)):
-            return
-        time.sleep(0.5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for p in _alive(owned):
-        try:
-            p.kill()
-        except Exception:  # noqa: BLE001 - gone meanwhile
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "<no log>"
-
-
 def _start_head(log_path: Path):
-    """``ray start --head --block`` on free ports and a private temp dir, in its own session.
-
-    Returns ``(proc, dashboard_address, temp_dir)`` once ``ray start`` has finished starting the
-    node and the job API answers, or ``(proc, None, temp_dir)`` if the head died while starting.
-    """
-    # Ray puts Unix sockets under the temp dir (<temp>/session_<date>_<pid>/sockets/...), and
-    # socket paths are limited to ~107 bytes, so pytest's tmp_path is too deep: use a short
-    # unique /tmp folder owned (and removed) by this test. It also keeps this head's
-    # ray_current_cluster file and session_latest link away from the shared /tmp/ray.
-    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
-    # Every listening port is chosen here: the defaults (8265, 10001, 52365) may belong to another
-    # engineer's Ray on this machine. The remaining ports are picked by the OS.
-    gcs_port, dash_port, client_port, agent_port = _free_ports(4)
-    env = dict(os.environ)
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(k, None)
-    env.update({
-        # Token authentication is disabled for this throw-away head only (see the fixture).
-        "RAY_AUTH_MODE": "disabled",
-        # Nothing to drain on a throw-away head; see _stop_head.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else shutil.which("ray") or "ray",
-           "start", "--head", "--block",
-           # loopback only: nothing of the test head is reachable from other machines
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={gcs_port}", f"--dashboard-port={dash_port}",
-           f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
-           "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-           f"--object-store-memory={256 * 1024 ** 2}", f"--temp-dir={temp_dir}"]
-    with open(log_path, "wb") as log_f:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=temp_dir, start_new_session=True)
-    return proc, f"http://127.0.0.1:{dash_port}", temp_dir
+    """The module's head (2 CPUs, loopback only); ``(proc, dashboard_address, temp_dir)``."""
+    temp_dir = ray_nodes.short_temp_dir("rjs")  # also keeps its session files away from /tmp/ray
+    proc, _, dashboard = ray_nodes.start_head(log_path, temp_dir, num_cpus=2)
+    return proc, dashboard, temp_dir
 
 
 def _wait_ready(proc: subprocess.Popen, address: str, log_path: Path, timeout_s: float = 90.0):
@@ -216,7 +88,7 @@ def _wait_ready(proc: subprocess.Popen, address: str, log_path: Path, timeout_s:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A throw-away local Ray head owned by this module; yields ``(JobSubmissionClient, address)``."""
+    """A throw-away local Ray head owned by this module; yields ``(JobSubmissionClient, address, proc)``."""
     # Token authentication is disabled for this throw-away head only: it listens on free local
     # ports, lives for this module's tests and is killed in the teardown. Real clusters keep token
     # auth (README "Ray, authentication and local runs", docs/cluster.md). Both sides get the
@@ -236,16 +108,16 @@ def ray_head(tmp_path_factory):
             client = _wait_ready(proc, address, log_path)
             if client is not None:
                 break
-            _stop_head(proc)
+            ray_nodes.stop_node(proc)
         if client is None:
-            pytest.fail(f"local Ray head did not start (twice):\n{_tail(log_path)}")
+            pytest.fail(f"local Ray head did not start (twice):\n{ray_nodes.tail(log_path)}")
         # The head really runs without token auth (the env reached it), as this test assumes.
         with urllib.request.urlopen(f"{address}/api/authentication_mode", timeout=10) as r:
             assert json.load(r)["authentication_mode"] == "disabled"
-        yield client, address
+        yield client, address, proc
     finally:
         for proc, temp_dir in started:
-            _stop_head(proc)
+            ray_nodes.stop_node(proc)
             shutil.rmtree(temp_dir, ignore_errors=True)
         monkeypatch.undo()
 
@@ -290,7 +162,7 @@ def _wait(client, job_id: str, timeout_s: float = 300.0):
 def test_ray_job_submit_prepare(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
-    client, _ = ray_head
+    client, _, _ = ray_head
     inter, items = _write_csv(tmp_path)
     out, out_fail = tmp_path / "out", tmp_path / "out_fail"
     runtime_env = RUNTIME_ENV
@@ -325,7 +197,7 @@ def test_ray_job_submit_prepare(ray_head, tmp_path):
 def test_ray_job_submit_train(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
-    client, _ = ray_head
+    client, _, _ = ray_head
     inter, items = _write_csv(tmp_path)
     config = write_tiny_config(tmp_path / "tiny.yaml", inter, items, tmp_path, str(tmp_path / "runs"))
     out = tmp_path / "train.json"
@@ -355,7 +227,7 @@ README_SUBMIT = '.venv/bin/ray job submit --working-dir . -- "$PWD/.venv/bin/pyt
 def test_readme_job_submit_command_verbatim(ray_head):
     """The README's `ray job submit` line for a local head, typed into a shell in the repository as a
     new user would (the venv's `ray` on PATH, RAY_ADDRESS naming the head): the job SUCCEEDS."""
-    _, address = ray_head
+    _, address, _ = ray_head
     lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()
              if line.strip().startswith(README_SUBMIT)]
     assert lines, f"README no longer shows `{README_SUBMIT} ...`: update this test with it"
@@ -366,3 +238,11 @@ def test_readme_job_submit_command_verbatim(ray_head):
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "succeeded" in out, out[-4000:]
     assert "prepared" in out and "not found" not in out, out[-4000:]
+
+
+def test_head_listens_on_loopback_only(ray_head):
+    """Run after the jobs above, so their workers' and drivers' servers are counted too while alive."""
+    _, _, proc = ray_head
+    procs = ray_nodes.owned(proc)
+    assert len(procs) > 3  # gcs_server, raylet, dashboard, ... really found
+    assert ray_nodes.open_listeners(procs) == []

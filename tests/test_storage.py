@@ -12,20 +12,26 @@ local port, started by this module and stopped by its handle).
   manifest to ``s3://BUCKET/recs/...`` (moved from a temp prefix, manifest last), read back whole.
 * Misconfigured URIs fail at config time with the field name and the fix: unknown scheme, missing
   bucket, unreachable endpoint, and ``jobs/train.py`` with a missing bucket (exit 2, before Ray starts).
+* Credentials are checked where they are used: on a cluster of a 0-CPU head and an autoscaled worker
+  node (on 127.0.0.1) that cannot reach the bucket while the driver can, ``jobs/train.py`` stops
+  with exit 2 and the worker's node named, before any training writes to the bucket.
 
-The endpoint reaches pyarrow (and so Ray Train and the jobs) through ``AWS_ENDPOINT_URL``, the
-variable users set for MinIO / Ceph / other S3-compatible stores; the keys are moto's dummies.
+The server is ``tests/s3_server.py``'s: the endpoint reaches pyarrow (and so Ray Train and the
+jobs) through ``AWS_ENDPOINT_URL``, the variable users set for MinIO / Ceph / other S3-compatible
+stores; the keys are moto's dummies.
 """
 from __future__ import annotations
 
 import json
-import logging
+import shutil
 import socket
 
 import pyarrow.fs as pafs
 import pytest
 
 from idle_ray.config import ConfigError
+import ray_nodes
+from s3_server import S3Server
 from tiny_jobs import run_job, write_tiny_config, write_tiny_data
 
 BUCKET = "idle-ray-test"
@@ -34,20 +40,13 @@ BUCKET = "idle-ray-test"
 @pytest.fixture(scope="module")
 def s3():
     """A local S3 server; yields an admin ``S3FileSystem`` on it (the env points pyarrow at it too)."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = S3Server()
     server.start()
     mp = pytest.MonkeyPatch()
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        for k, v in server.env().items():
             mp.setenv(k, v)
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        fs = server.filesystem()
         fs.create_dir(BUCKET)
         yield fs
     finally:
@@ -58,6 +57,13 @@ def s3():
 def _files(fs, prefix: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
     return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_misconfigured_uri_fails_at_config_time(s3, tmp_path, monkeypatch):
@@ -71,10 +77,7 @@ def test_misconfigured_uri_fails_at_config_time(s3, tmp_path, monkeypatch):
             check_storage(uri, 2)
         assert "train.storage_path" in str(e.value) and says in str(e.value) and "Fix:" in str(e.value)
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(ConfigError) as e:
         check_storage(f"s3://{BUCKET}/runs", 2)
     assert "train.storage_path" in str(e.value) and "cannot write there" in str(e.value)
@@ -147,3 +150,34 @@ def test_train_checkpoints_resumes_and_reads_back_from_s3(s3, tmp_path):
     assert manifest["weights"] == weights and manifest["users"] == 24 and table.num_rows == 72
     assert sorted(_files(s3, f"{BUCKET}/recs/today")) == sorted(manifest["files"] + ["manifest.json"])
     assert all(f.startswith("today/") for f in _files(s3, f"{BUCKET}/recs"))  # no temp prefix left beside it
+
+
+def test_worker_node_that_cannot_write_stops_the_job_before_training(s3, tmp_path):
+    """The driver can write the bucket, the nodes where Train workers run cannot (their storage endpoint
+    is unreachable, as with a missing instance profile): exit 2 naming that node, nothing trained,
+    nothing written under the run's prefix. The cluster: a 0-CPU head on 127.0.0.1 whose autoscaler
+    adds worker nodes (``tests/ray_nodes.py``); they inherit the head's environment, the driver has its own."""
+    temp_dir = ray_nodes.short_temp_dir("rcw")
+    log = tmp_path / "head.log"
+    head, gcs, _ = ray_nodes.start_autoscaling_head(log, temp_dir, max_workers=1, worker_cpus=2, env={
+        "PYTHONPATH": ray_nodes.repo_pythonpath(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"})
+    try:
+        assert ray_nodes.wait_started(head, log), ray_nodes.tail(log)
+        inter, items = write_tiny_data(tmp_path)
+        storage_path = f"s3://{BUCKET}/worker-check"
+        config = write_tiny_config(tmp_path / "tiny.yaml", inter, items, tmp_path, storage_path)
+        env = {**ray_nodes.node_env(), "RAY_ADDRESS": gcs}  # the driver: this process's moto endpoint
+        r = run_job("train.py", "--config", config, cwd=tmp_path, env=env, timeout=600)
+        assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, r.stderr[-4000:]
+        assert errors[0].startswith(f"error: field 'train.storage_path' = '{storage_path}': cannot write there "
+                                    "from node 127.0.0.1, where Train workers run (the driver could)"), errors
+        assert "Fix:" in errors[0] and "Traceback" not in r.stderr
+        assert "Connecting to existing Ray cluster" in r.stdout + r.stderr  # the driver joined the head
+        assert _files(s3, f"{BUCKET}/worker-check") == []  # no checkpoint, no probe object left
+        assert not (tmp_path / "sasrec" / "model.json").exists()  # refused before pre-training
+        assert ray_nodes.open_listeners(ray_nodes.owned(head)) == []
+    finally:
+        ray_nodes.stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)

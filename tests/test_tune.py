@@ -6,6 +6,7 @@ command (``Tuner.restore``), checks every trial finished exactly once and that A
 (their resources were released: later trials ran), then builds the report with ``jobs/report.py``.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from tiny_jobs import write_tiny_data
+from tiny_jobs import tiny_tune_sets
 from idle_ray.config import ConfigError, load_config
+from idle_ray.tune.capacity import max_resources_from_autoscaler_config
 from idle_ray.tune.search import (SEARCHED, apply_params, grid_space, max_concurrent_trials, search_space,
                                   trial_resources, unfinished_trials)
 
@@ -53,6 +55,20 @@ def test_max_concurrent_trials_from_cluster_resources():
     gpu = load_config(CONFIG, ["train.use_gpu=true", "train.cpus_per_worker=4", "tune.num_samples=20"])
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs are the limit
     assert max_concurrent_trials(load_config(CONFIG, ["tune.max_concurrent_trials=3"]), {"CPU": 2.0}) == 3
+    assert max_concurrent_trials(cfg, {"CPU": math.inf}) == 8  # an unbounded autoscaler: num_samples
+
+
+def test_autoscaler_config_maximum():
+    """Node types at their max_workers (capped by the global one) plus the head, as the autoscaler may grow."""
+    config = {"max_workers": 5, "head_node_type": "head",
+              "available_node_types": {
+                  "head": {"resources": {"CPU": 0}, "max_workers": 0},
+                  "gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0},  # the global cap: 5
+                  "cpu": {"resources": {"CPU": 4}, "max_workers": 2},
+                  "big": {"resources": {"CPU": 64, "GPU": 8}, "max_workers": 9}}}  # capped at 5
+    assert max_resources_from_autoscaler_config(config) == {"CPU": 5 * 8 + 2 * 4 + 5 * 64, "GPU": 5 + 5 * 8}
+    head_works = {"head_node_type": "h", "available_node_types": {"h": {"resources": {"CPU": 2}, "max_workers": 1}}}
+    assert max_resources_from_autoscaler_config(head_works) == {"CPU": 4}  # the head itself plus one more
 
 
 def test_grid_space_and_its_errors():
@@ -66,25 +82,6 @@ def test_grid_space_and_its_errors():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-def _tiny_sets(tmp: Path) -> list[str]:
-    """The shipped tune config, shrunk to the tiny data and decoder (``--set`` overrides)."""
-    inter, items = write_tiny_data(tmp)
-    sets = {"data.dataset": "csv", "data.path": inter, "data.items_path": items,
-            "data.output_dir": tmp / "data", "data.min_item_interactions": 1, "data.max_history": 6,
-            "data.train_targets_per_user": 2, "id_model.hidden_size": 16, "id_model.dropout": 0.1,
-            "id_model.artifact": tmp / "sasrec", "pretrain.epochs": 2, "pretrain.batch_size": 16,
-            "pretrain.lr": 0.01, "pretrain.cpus_per_worker": 0.5, "llm.backbone": "tiny-decoder",
-            "prompt.max_history": 3, "prompt.max_tokens": 96, "adapter.refine_bottleneck": 8,
-            "train.batch_size": 8, "train.num_workers": 1, "train.cpus_per_worker": 0.5, "train.epochs": 3,
-            "train.storage_path": tmp / "runs", "train.log_every": 100, "tune.num_samples": 6,
-            "tune.prompt_length": "[1,4]", "tune.projection_width": "[8,16]", "tune.lr": "[0.001,0.03]",
-            "tune.random_trials": 2}
-    out = []
-    for k, v in sets.items():
-        out += ["--set", f"{k}={v}"]
-    return out
-
 
 def _trial_results(exp: Path) -> dict[str, list[dict]]:
     out = {}
@@ -101,7 +98,7 @@ def _result_grid(exp: Path) -> tune.ResultGrid:
 
 @pytest.mark.timeout(1500)
 def test_tune_job_search_restore_and_report(tmp_path):
-    sets = _tiny_sets(tmp_path)
+    sets = tiny_tune_sets(tmp_path)
     cmd = [sys.executable, str(ROOT / "jobs/tune.py"), "--config", str(CONFIG), "--baselines", "id_only", *sets]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = tmp_path / "runs"

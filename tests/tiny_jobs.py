@@ -45,6 +45,26 @@ def write_tiny_config(path: Path, inter: Path, items: Path, work: Path, storage_
     return path
 
 
+def tiny_tune_sets(tmp: Path, **overrides) -> list[str]:
+    """``--set`` arguments that shrink the shipped tune config to the tiny data and decoder in ``tmp``
+    (6 trials of up to 3 epochs, 1 Train worker each); ``overrides`` replace or add fields."""
+    inter, items = write_tiny_data(tmp)
+    sets = {"data.dataset": "csv", "data.path": inter, "data.items_path": items,
+            "data.output_dir": tmp / "data", "data.min_item_interactions": 1, "data.max_history": 6,
+            "data.train_targets_per_user": 2, "id_model.hidden_size": 16, "id_model.dropout": 0.1,
+            "id_model.artifact": tmp / "sasrec", "pretrain.epochs": 2, "pretrain.batch_size": 16,
+            "pretrain.lr": 0.01, "pretrain.cpus_per_worker": 0.5, "llm.backbone": "tiny-decoder",
+            "prompt.max_history": 3, "prompt.max_tokens": 96, "adapter.refine_bottleneck": 8,
+            "train.batch_size": 8, "train.num_workers": 1, "train.cpus_per_worker": 0.5, "train.epochs": 3,
+            "train.storage_path": tmp / "runs", "train.log_every": 100, "tune.num_samples": 6,
+            "tune.prompt_length": "[1,4]", "tune.projection_width": "[8,16]", "tune.lr": "[0.001,0.03]",
+            "tune.random_trials": 2, **overrides}
+    out = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
 def run_job(script: str, *args, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """``python jobs/<script> ARGS`` as a user runs it (embedded Ray), output captured."""
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)], cwd=cwd, env=env,

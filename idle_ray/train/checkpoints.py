@@ -48,16 +48,34 @@ def trainable_state(engine, model) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if model.is_trainable(k)}
 
 
+def registered(run_dir: str) -> tuple[str | None, list[str]]:
+    """``(latest, all)`` checkpoint folder names Ray Train registered for ``run_dir`` (its snapshot),
+    ``all`` oldest first; ``(None, [])`` when nothing is registered yet.
+
+    Ray registers a checkpoint once every rank has uploaded its part, so a registered checkpoint is
+    complete; a folder Ray did not register (an upload cut by a storage outage, a driver killed
+    before registration) is never resumed from. A storage outage is waited out
+    (:func:`idle_ray.train.storage.patiently`), never read as "no checkpoint"."""
+    where = storage.join(run_dir, TRAIN_SNAPSHOT)
+    try:
+        snap = json.loads(storage.patiently(lambda: storage.read_bytes(where), f"reading {where}"))
+        latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        names = [r.get("checkpoint_dir_name") for r in snap.get("checkpoint_results") or []]
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None, []
+    return latest or None, [n for n in names if n]
+
+
 def candidate_checkpoints(latest, run_dir: str | None) -> list:
-    """Latest first, then older checkpoints of the same run (newest first), as ``ray.train.Checkpoint``s
-    on the run's filesystem: a local folder, NFS or a URI alike."""
+    """Latest first, then the run's other registered checkpoints (newest first), as
+    ``ray.train.Checkpoint``s on the run's filesystem: a local folder, NFS or a URI alike."""
     from ray.train import Checkpoint
     out = [latest]
     if run_dir:
         fs, _ = storage.resolve(run_dir)
         latest_name = os.path.basename(latest.path.rstrip("/"))
-        out += [Checkpoint(storage.resolve(c)[1], filesystem=fs) for c in storage.checkpoints(run_dir)
-                if os.path.basename(c) != latest_name]
+        out += [Checkpoint(storage.resolve(storage.join(run_dir, name))[1], filesystem=fs)
+                for name in reversed(registered(run_dir)[1]) if name != latest_name]
     return out
 
 
@@ -68,11 +86,7 @@ def registered_latest(run_dir: str):
     A checkpoint folder can be on disk without being registered: the driver died after the workers
     uploaded it and before Train recorded it. Train then resumes from the previous one."""
     from ray.train import Checkpoint
-    try:
-        snap = json.loads(storage.read_bytes(storage.join(run_dir, TRAIN_SNAPSHOT)))
-        name = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, AttributeError):
-        return None
+    name = registered(run_dir)[0]
     if not name:
         return None
     fs, path = storage.resolve(storage.join(run_dir, name))
@@ -90,24 +104,34 @@ def resume_state(run_dir: str) -> tuple[str, dict] | None:
     if index is None:
         return None
     cand = candidates[index]
-    with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
-        return storage.uri(cand.filesystem, cand.path), json.loads(f.read())
+    return storage.uri(cand.filesystem, cand.path), _read_state(cand)
+
+
+def _read_state(cand) -> dict:
+    def read():
+        with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
+            return f.read()
+    return json.loads(storage.patiently(read, f"reading {cand.path}/{CKPT_META}"))
 
 
 def choose_checkpoint(candidates: list) -> int | None:
     """Index of the first candidate whose state can be read and that has DeepSpeed's folder (a
-    warning for each one passed over); ``None`` when there is none. Reads only, loads nothing."""
+    warning for each one passed over); ``None`` when there is none. Reads only, loads nothing.
+    Storage that does not answer is waited for (``StorageUnavailable`` after its patience)."""
     import pyarrow.fs as pafs
     for i, cand in enumerate(candidates):
         try:
-            with cand.filesystem.open_input_stream(os.path.join(cand.path, CKPT_META)) as f:
-                state = json.loads(f.read())
+            state = _read_state(cand)
             missing = [k for k in ("epoch", "step") if k not in state]  # the resume record needs both
             if missing:
                 raise KeyError(missing[0])
-            if cand.filesystem.get_file_info(os.path.join(cand.path, DS_TAG)).type != pafs.FileType.Directory:
+            ds = os.path.join(cand.path, DS_TAG)
+            info = storage.patiently(lambda: cand.filesystem.get_file_info(ds), f"reading {ds}")
+            if info.type != pafs.FileType.Directory:
                 raise FileNotFoundError(f"no {DS_TAG} folder")
             return i
+        except storage.StorageUnavailable:
+            raise  # an outage says nothing about this checkpoint: no fallback to an older one
         except Exception as e:  # noqa: BLE001 - a corrupt checkpoint of any kind: fall back
             warnings.warn(f"checkpoint {cand.path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
     return None
@@ -182,7 +206,7 @@ def try_restore(engine, ctx, run_dir: str | None, best_keep: str) -> dict | None
     # A private copy (a remote checkpoint is downloaded, a local one copied): what is verified below
     # is what DeepSpeed loads, whoever else can write to the storage.
     with tempfile.TemporaryDirectory(prefix="idle_ray_resume_") as d:
-        cand.to_directory(d)
+        storage.patiently(lambda: cand.to_directory(d), f"downloading {cand.path}")
         verify_pickles(d)
         with open(os.path.join(d, CKPT_META)) as f:
             state = json.load(f)

@@ -66,11 +66,14 @@ def ingest_options():
     return options
 
 
-def check_storage(storage_path: str, num_workers: int) -> str:
+def check_storage(storage_path: str, num_workers: int, cpus_per_worker: float = 0.0, use_gpu: bool = False) -> str:
     """Local folders are made absolute; a node-local path cannot serve a multi-node run; a URI
-    (``s3://``, ``gs://``) must be writable now (:func:`idle_ray.train.storage.check_uri`)."""
+    (``s3://``, ``gs://``) must be writable now (:func:`idle_ray.train.storage.check_uri`), from the
+    driver and, with Ray up, from a node where a Train worker (``cpus_per_worker``, ``use_gpu``) runs."""
     if run_storage.is_uri(storage_path):
         run_storage.check_uri(storage_path)
+        if ray.is_initialized():  # every launch starts Ray first; a config-time check without it is the driver's
+            check_uri_on_worker(storage_path, cpus_per_worker, use_gpu)
         return storage_path
     path = run_storage.absolute(storage_path)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -80,6 +83,27 @@ def check_storage(storage_path: str, num_workers: int) -> str:
             "nodes: checkpoints must be on shared storage. Fix: use s3://, gs:// or an NFS mount "
             "(and set IDLE_RAY_SHARED_STORAGE=1 if the path is a shared mount).")
     return path
+
+
+def _write_probe(storage_path: str) -> tuple[str, str]:
+    """(this node's address, the write check's error or ""): runs as a task beside the Train workers."""
+    node = ray.util.get_node_ip_address()
+    try:
+        run_storage.check_uri(storage_path, where=f" from node {node}, where Train workers run (the driver could)")
+    except ConfigError as e:
+        return node, str(e)
+    return node, ""
+
+
+def check_uri_on_worker(storage_path: str, cpus_per_worker: float, use_gpu: bool) -> None:
+    """The write check as a Ray task asking what one Train worker asks, so it lands where workers run:
+    workers upload their checkpoint shards with their node's credentials (instance profile, service
+    account), which may differ from the driver's (the head's). Nodes of one type share an identity,
+    so one probe stands for them. Raises ``ConfigError`` naming the node and the fix."""
+    probe = ray.remote(_write_probe).options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0)
+    _, error = ray.get(probe.remote(storage_path))
+    if error:
+        raise ConfigError(error)
 
 
 def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str, run_name: str,
@@ -94,7 +118,7 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     pre = task == "pretrain"
     workers = cfg.pretrain.num_workers if pre else cfg.train.num_workers
     cpus = cfg.pretrain.cpus_per_worker if pre else cfg.train.cpus_per_worker
-    storage = check_storage(cfg.train.storage_path, workers)
+    storage = check_storage(cfg.train.storage_path, workers, cpus, cfg.train.use_gpu and not pre)
     if not pre:
         builders.prepare_backbone(cfg)
     stage = None if pre or cfg.adapter.variant == "id_only" else (encode_prompts, prompt_stage_kwargs(cfg, prepared))

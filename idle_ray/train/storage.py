@@ -15,7 +15,9 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -25,6 +27,45 @@ from idle_ray.results.files import json_text, write_json
 
 # pyarrow's filesystem type names -> URI schemes
 _SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}
+# How long a read of run state waits for storage to come back (an endpoint restarting, a network
+# blip) before the run gives up with StorageUnavailable.
+OUTAGE_PATIENCE_S = float(os.environ.get("IDLE_RAY_STORAGE_PATIENCE_S", "300"))
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage stayed unreachable for longer than its patience: the run stops, nothing is chosen in its
+    place (an older checkpoint would silently lose epochs); a rerun resumes once storage is back."""
+
+
+def transient(e: BaseException) -> bool:
+    """An error a retry may cure: pyarrow's network / endpoint / throttling errors are plain
+    ``OSError``s; a missing file, a local permission error or a bad file is an answer, not an outage."""
+    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                                                         PermissionError))
+
+
+def patiently(fn, what: str, patience_s: float | None = None):
+    """``fn()``, retried with backoff (0.5 s doubling to 10 s) while it fails with a :func:`transient`
+    error, for up to ``patience_s`` (default :data:`OUTAGE_PATIENCE_S`); then
+    :class:`StorageUnavailable` naming ``what`` and the last error."""
+    patience_s = OUTAGE_PATIENCE_S if patience_s is None else patience_s
+    deadline, wait, warned = time.monotonic() + patience_s, 0.5, False
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not transient(e):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise StorageUnavailable(
+                    f"{what}: storage unreachable for {patience_s:.0f} s ({first_line(e)}). Fix: check the endpoint, "
+                    f"the network and the credentials; rerunning the same command resumes from the last "
+                    f"checkpoint") from None
+            if not warned:
+                warnings.warn(f"{what}: storage unreachable ({first_line(e)}); retrying for up to {patience_s:.0f} s")
+                warned = True
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
 
 
 def is_uri(location: str) -> bool:
@@ -84,11 +125,13 @@ def checkpoints(run_dir: str) -> list[str]:
     return [join(run_dir, name) for name in reversed(subfolders(run_dir, "checkpoint_"))]
 
 
-def check_uri(storage_path: str, field: str = "train.storage_path", write: bool = True) -> None:
+def check_uri(storage_path: str, field: str = "train.storage_path", write: bool = True, where: str = "") -> None:
     """Fail at config time, with the field and the fix, when a URI cannot hold a run.
 
     Resolves the URI, checks the bucket exists and (``write``) writes + deletes a small probe
     object, so missing credentials or a read-only role show up now and not after the first epoch.
+    ``where`` names the machine in the message when it is not the driver's (e.g. " from a Train
+    worker's node 10.0.0.7").
     """
     hint = ("Fix: check the bucket name, the machine's credentials (instance profile / service account / "
             "AWS_* or GOOGLE_APPLICATION_CREDENTIALS variables) and, for an S3-compatible server, "
@@ -104,7 +147,7 @@ def check_uri(storage_path: str, field: str = "train.storage_path", write: bool 
     try:
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise ConfigError(f"field '{field}' = {storage_path!r}: bucket {bucket!r} does not exist "
-                              f"(or is not visible with these credentials). {hint}")
+                              f"(or is not visible with these credentials){where}. {hint}")
         if write:
             probe = posixpath.join(path, f".idle_ray_probe-{uuid.uuid4().hex}")
             with fs.open_output_stream(probe) as f:
@@ -113,7 +156,7 @@ def check_uri(storage_path: str, field: str = "train.storage_path", write: bool 
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - network, permission and endpoint errors alike
-        raise ConfigError(f"field '{field}' = {storage_path!r}: cannot {'write' if write else 'read'} there "
+        raise ConfigError(f"field '{field}' = {storage_path!r}: cannot {'write' if write else 'read'} there{where} "
                           f"({first_line(e)}). "
                           f"{hint}") from None
 
@@ -134,10 +177,17 @@ class MirroredFolder:
         self.local = tempfile.mkdtemp(prefix="idle_ray_mirror_") if is_uri(location) else location
 
     def sync(self) -> None:
+        """Copy up; during a storage outage only warn: the next sync copies the same files whole."""
         if self.local == self.location:
             return
         fs, path = resolve(self.location)
-        pafs.copy_files(self.local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        try:
+            pafs.copy_files(self.local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except OSError as e:
+            if not transient(e):
+                raise
+            warnings.warn(f"{self.location}: not copied now, storage unreachable ({first_line(e)}); "
+                          "the next sync copies it")
 
 
 def write_json_in(folder: str, name: str, obj) -> str:

@@ -72,13 +72,13 @@ def run_search(cfg: ExperimentConfig, grid: bool = False, baselines: list[str] =
     """Prepare, pre-train the ID model, search (or run the grid), then test the best trial once;
     writes and returns the summary (``TEST_RESULTS_FILE`` in the experiment folder). Rerunning
     restores an interrupted search; raises :class:`SearchInterrupted` if this one was interrupted."""
-    import ray
     from ray import tune
 
     from idle_ray.data.prepare import format_summary
     from idle_ray.train import builders
     from idle_ray.train.launch import check_storage, ensure_ray
     from idle_ray.train.runs import pretrain
+    from idle_ray.tune.capacity import cluster_max_resources
     from idle_ray.tune.search import max_concurrent_trials, restore_or_build, unfinished_trials
 
     if grid and not cfg.tune.grid:
@@ -89,11 +89,14 @@ def run_search(cfg: ExperimentConfig, grid: bool = False, baselines: list[str] =
     log(format_summary(prepared))
     artifact, _ = pretrain(cfg, prepared, log=log)
     ensure_ray()
-    check_storage(cfg.train.storage_path, cfg.train.num_workers)
+    check_storage(cfg.train.storage_path, cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     cfg, exp = experiment_location(cfg, grid)
     storage, name = cfg.train.storage_path, experiment_name(cfg, grid)
-    concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
-    log(f"[tune] experiment {exp}: {concurrent} trial(s) at once")
+    most, source = cluster_max_resources()
+    concurrent = max_concurrent_trials(cfg, most)
+    sized = "tune.max_concurrent_trials" if cfg.tune.max_concurrent_trials else \
+        f"the cluster's maximum size, CPU {most.get('CPU', 0):g} GPU {most.get('GPU', 0):g}, from {source}"
+    log(f"[tune] experiment {exp}: {concurrent} trial(s) at once ({sized})")
     # The declared space, so the report's importances use the real ranges (not the values seen).
     run_storage.write_json_in(exp, SEARCH_SPACE_FILE, {k: getattr(cfg.tune, k) for k in SEARCHED})
     tuner = restore_or_build(cfg, str(prepared.path), artifact, name=name, storage_path=storage,

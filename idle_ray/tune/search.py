@@ -91,18 +91,22 @@ def trial_resources(cfg: ExperimentConfig) -> dict:
 
 
 def max_concurrent_trials(cfg: ExperimentConfig, cluster: dict) -> int:
-    """``tune.max_concurrent_trials``, or as many trials as the cluster's resources hold at once.
+    """``tune.max_concurrent_trials``, or as many trials as ``cluster`` holds at once (at most
+    ``tune.num_samples``, at least 1).
 
-    A Train run starts only when all its workers fit, so more trials than that only queue drivers.
+    ``cluster``: the resources the cluster may grow to (:func:`idle_ray.tune.capacity.cluster_max_resources`),
+    not the ones it has now: on an autoscaling cluster the trials' pending Train workers are what
+    make the autoscaler add nodes. A Train run starts only when all its workers fit, so more trials
+    than that only queue drivers.
     """
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     need = trial_resources(cfg)
     per_trial = need["CPU"] + TRIAL_DRIVER_CPUS + DATA_CPUS_PER_TRIAL
-    fits = [math.floor(float(cluster.get("CPU", 0)) / per_trial + 1e-9)]
+    fits = [float(cluster.get("CPU", 0)) / per_trial]
     if "GPU" in need:
-        fits.append(math.floor(float(cluster.get("GPU", 0)) / need["GPU"] + 1e-9))
-    return max(1, min(min(fits), cfg.tune.num_samples))
+        fits.append(float(cluster.get("GPU", 0)) / need["GPU"])
+    return max(1, math.floor(min(*fits, cfg.tune.num_samples) + 1e-9))
 
 
 def train_run_name(experiment: str, trial_id: str) -> str:
