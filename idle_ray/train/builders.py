@@ -163,8 +163,11 @@ def encode_prompts(batch: dict, **kwargs) -> dict:
 
 
 def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
-    """Prepare (or find in the cache) the dataset named by ``cfg.data``."""
+    """Prepare (or find in the cache) the dataset named by ``cfg.data``. Every job starts here, so it
+    first refuses locations that workers on other nodes could not read (``cluster.require_shared_paths``)."""
     from idle_ray.data.prepare import prepare_dataset
+    from idle_ray.train.cluster import require_shared_paths
+    require_shared_paths(cfg)
     d = cfg.data
     return prepare_dataset(d.dataset, d.output_dir, path=d.path, items_path=d.items_path,
                            min_user_interactions=d.min_user_interactions,
