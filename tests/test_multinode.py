@@ -37,7 +37,10 @@ from tiny_jobs import ROOT, run_job, write_tiny_config, write_tiny_data
 NODE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
             # the nodes' image has the package (a cluster's gets it from the job's working_dir)
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": str(ROOT),
+            # Every node here watches the same machine's memory, used by everything else on it too: Ray's
+            # memory monitor would kill this run's actors for others' use (seen on the shared CI box).
+            "RAY_memory_monitor_refresh_ms": "0"}
 
 
 def _start_node(log: Path, args: list[str], env: dict) -> subprocess.Popen:
