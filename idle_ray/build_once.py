@@ -16,9 +16,16 @@ exported ID model — goes through :func:`build_once`:
 
 A reader that finds an entry checks the marker against the files (names and sizes), so a folder
 that lost a file later is rebuilt, never used.
+
+``final`` may also be an ``s3://`` / ``gs://`` location (:mod:`idle_ray.locations`), for what
+processes on other nodes read (prepared data, ID-model artifacts): the lock is then a file in this
+node's temp folder, the entry is built and verified in a local temp folder, and its files are
+uploaded with the marker last (an object store has no rename; a reader that finds the marker finds
+every file it lists). Builders on two nodes at once write the same files, so either upload serves.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +33,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from idle_ray import locations
 
 COMPLETE_MARKER = ".complete.json"
 
@@ -37,6 +46,8 @@ def _listing(folder: Path) -> dict[str, int]:
 
 def why_incomplete(folder: str | Path) -> str | None:
     """``None`` when ``folder`` is a complete build-once entry, else the reason in a few words."""
+    if locations.is_uri(folder):
+        return _why_incomplete_remote(str(folder))
     folder = Path(folder)
     if not folder.is_dir():
         return "missing"
@@ -56,6 +67,22 @@ def why_incomplete(folder: str | Path) -> str | None:
     return None
 
 
+def _why_incomplete_remote(location: str) -> str | None:
+    marker = locations.join(location, COMPLETE_MARKER)
+    if not locations.exists(marker):
+        return "missing" if not locations.exists(location) else f"no {COMPLETE_MARKER} (an interrupted upload)"
+    try:
+        files = json.loads(locations.read_bytes(marker))["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE_MARKER}"
+    for name, size in locations.file_sizes(location, sorted(files)).items():
+        if size is None:
+            return f"{name} is missing"
+        if size != files[name]:
+            return f"{name} has {size} bytes, {files[name]} expected"
+    return None
+
+
 def is_complete(folder: str | Path) -> bool:
     return why_incomplete(folder) is None
 
@@ -67,8 +94,16 @@ def mark_complete(folder: str | Path, info: dict | None = None) -> None:
 
 
 def lock_path(final: str | Path) -> Path:
+    """``<parent>/.<name>.lock``; for a URI, a file named after it in this node's temp folder."""
+    if locations.is_uri(final):
+        key = hashlib.sha256(str(final).rstrip("/").encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "idle_ray_locks" / f".{_name(final)}-{key}.lock"
     final = Path(final)
     return final.parent / f".{final.name}.lock"
+
+
+def _name(final: str | Path) -> str:
+    return str(final).rstrip("/").rsplit("/", 1)[-1]
 
 
 class BuildLock:
@@ -80,8 +115,8 @@ class BuildLock:
     def __init__(self, final: str | Path, what: str, log: Callable[[str], None] = print):
         from filelock import FileLock
 
-        self.final, self.what, self.log = Path(final), what, log
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.final, self.what, self.log = final if locations.is_uri(final) else Path(final), what, log
+        lock_path(self.final).parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(lock_path(self.final)))
 
     def __enter__(self):
@@ -96,7 +131,7 @@ class BuildLock:
         return self
 
     def __exit__(self, exc_type, *exc):
-        if exc_type is not None and not self.final.exists():
+        if exc_type is not None and isinstance(self.final, Path) and not self.final.exists():
             # A failed first build (e.g. bad input) leaves nothing behind, not even its lock file.
             # (A process still waiting on this lock then holds it on the unlinked file; it will fail
             # the same way, and the next one starts clean.)
@@ -155,7 +190,7 @@ def build_once(final: str | Path, build: Callable[[Path], None], verify: Callabl
     ``build(tmp)`` fills the temp folder; ``verify(tmp)`` raises if the result is not usable.
     ``info`` is stored in the marker (e.g. what it was built from).
     """
-    final = Path(final)
+    final = final if locations.is_uri(final) else Path(final)
     if is_complete(final):
         return final
     with BuildLock(final, what, log):
@@ -166,10 +201,12 @@ def build_locked(final: str | Path, build: Callable[[Path], None], verify: Calla
                  *, what: str, log: Callable[[str], None] = print, info: dict | None = None) -> Path:
     """:func:`build_once` for a caller that already holds ``BuildLock(final)`` (a lock is not
     taken twice: ``flock`` on a second descriptor would wait for ourselves)."""
-    final = Path(final)
     reason = why_incomplete(final)
     if reason is None:  # another process finished it while we waited
         return final
+    if locations.is_uri(final):
+        return _build_and_upload(str(final), reason, build, verify, what, log, info)
+    final = Path(final)
     if final.exists() or final.is_symlink():
         remove_incomplete(final, reason, what, log)
     remove_stale_temps(final.parent, what, log, held=final.name)
@@ -188,4 +225,21 @@ def build_locked(final: str | Path, build: Callable[[Path], None], verify: Calla
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def _build_and_upload(final: str, reason: str, build, verify, what: str, log, info: dict | None) -> str:
+    """:func:`build_locked` for a URI: build and verify in a local temp folder, upload, marker last."""
+    if reason != "missing":
+        log(f"[{what}] {final} is incomplete ({reason}); rebuilding it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_name(final)}-"))
+    try:
+        build(tmp)
+        if verify is not None:
+            verify(tmp)
+        mark_complete(tmp, info)
+        locations.upload_folder(tmp, final, last=COMPLETE_MARKER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[{what}] uploaded {final}")
     return final

@@ -50,7 +50,9 @@ class DataConfig:
     path: str = _f("", "Your interactions file (csv/parquet/.inter) with user_id, item_id, timestamp; "
                    "for 'atomic' the .inter file (a sibling .item file supplies titles). Unused for ml-*.")
     items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title. Unused for ml-*.")
-    output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint).")
+    output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint): a "
+                         "folder, or s3:// / gs:// on a multi-node cluster (Ray Data tasks and workers read it "
+                         "from every node).")
     engine: str = _f("local", "How preparation runs: 'local' (out of core: the input read in chunks, rows spilled to "
                      "disk beside the output and sorted a part at a time; memory grows with users and items, not "
                      "rows) or 'memory' (the whole log in pandas, ~0.25 GiB per million rows; the reference). "
@@ -76,7 +78,11 @@ class IDModelConfig:
     num_layers: int = _f(2, "Transformer or GRU layers.", min=1)
     num_heads: int = _f(2, "Attention heads (SASRec).", min=1)
     dropout: float = _f(0.5, "Dropout probability.", min=0.0, max=0.95)
-    artifact: str = _f("", "Path of a pre-trained ID model artifact folder (empty: the pretrain job's output).")
+    artifact: str = _f("", "Path or URI of a pre-trained ID model artifact folder (empty: the pretrain job's "
+                       "output, under artifacts_dir).")
+    artifacts_dir: str = _f("artifacts", "Where pre-training exports ID models when `artifact` is empty (one "
+                            "sub-folder per settings): a folder, or s3:// / gs:// on a multi-node cluster. Where, "
+                            "not what: not part of config_hash.")
 
 
 @dataclass
@@ -430,12 +436,14 @@ def to_dict(cfg) -> dict:
 
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
-    section (how a trained model is served) and ``adapter.anchor_weight`` (how a trained adapter is
-    scored) are left out: they never change what is trained."""
+    section (how a trained model is served), ``adapter.anchor_weight`` (how a trained adapter is
+    scored) and ``id_model.artifacts_dir`` (where ID models are kept) are left out: they never change
+    what is trained."""
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
     if isinstance(cfg, ExperimentConfig):
         d = {k: v for k, v in d.items() if k != "serve"}
         d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "anchor_weight"}
+        d["id_model"] = {k: v for k, v in d["id_model"].items() if k != "artifacts_dir"}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -7,7 +7,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "idle_ray"
 # House rule 11, bottom to top; a module may import its own layer or lower ones.
 LAYERS = {
-    "idle_ray": 0, "build_once": 0, "config": 0, "data": 0, "eval": 0,
+    "idle_ray": 0, "build_once": 0, "locations": 0, "config": 0, "data": 0, "eval": 0,
     "models": 1, "llm": 1, "adapter": 1,
     "results": 2,
     "train": 3,

@@ -7,7 +7,6 @@ worker; nothing materialises the full dataset on one node.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idle_ray.data.prepare import PreparedDataset
@@ -47,7 +46,7 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
 
     if split not in ALL_SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {ALL_SPLITS}")
-    files = sorted(str(p) for p in Path(prepared.sequences_dir).glob("part-*.parquet"))
+    files = prepared.shard_files  # local paths or URIs: read tasks on any node open them
     shuffle = shuffle if shuffle is not None else split == "train"
     # Pre-training windows (many epochs; an all-to-all shuffle per epoch costs Ray tasks and worker
     # start-ups that dwarf SASRec's step): shards in a seeded order, re-mixed by the consumer's
@@ -100,6 +99,7 @@ def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targe
     """Samples a split yields for each rank's users (``user % world == rank``), ranks ``0..world-1``:
     the manifest's count when it applies, else recomputed from one read of the sequence lengths."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -108,7 +108,7 @@ def sample_counts(prepared: PreparedDataset, split: str, max_history: int, targe
     plain = not windows and not holdout and targets_per_user == prepared.manifest["train_targets_per_user"]
     if world == 1 and (split != "train" or plain):
         return [int(prepared.manifest["splits"][split])]
-    table = pq.read_table(prepared.sequences_dir, columns=["user", "items"])
+    table = pa.concat_tables(pq.read_table(f, columns=["user", "items"]) for f in prepared.shard_files)
     all_lengths = np.asarray(pc.list_value_length(table["items"]))
     shares = np.asarray(table["user"]) % world
     counts = []
@@ -139,7 +139,7 @@ def local_numpy_reader(prepared: PreparedDataset, split: str, max_history: int, 
     Used by tests (equivalence with the Ray pipeline) and by the data benchmark.
     """
     import pyarrow.parquet as pq
-    for f in sorted(Path(prepared.sequences_dir).glob("part-*.parquet")):
+    for f in prepared.shard_files:
         out = build_samples(pq.read_table(f, columns=["user", "items"]), split, max_history, targets_per_user,
                             windows, holdout=holdout)
         yield out

@@ -6,7 +6,10 @@ chronological order per user with a stable tie-break (input file order); dense i
 (last item = test target, second-to-last = valid target, the rest = training targets).
 
 Layout of a prepared dataset folder (written to a temp folder and renamed, so a failure never
-leaves a partial dataset; an existing folder with the same fingerprint is a cache hit)::
+leaves a partial dataset; an existing folder with the same fingerprint is a cache hit). With an
+``s3://`` / ``gs://`` ``output_dir`` the folder is built locally and uploaded, completeness marker
+last (:mod:`idle_ray.build_once`), and every reader opens it there: Ray Data read tasks and workers
+on any node, never the driver's disk::
 
     <output_dir>/<dataset>-<fingerprint12>/
         manifest.json              schema version, fingerprint, statistics, split sizes, paths
@@ -26,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from idle_ray import locations
 from idle_ray.build_once import BuildLock, build_locked, is_complete
 from idle_ray.data import readers
 from idle_ray.data.readers import DataError, fingerprint_files, input_files
@@ -41,8 +45,17 @@ ENGINES = ("local", "memory")
 
 @dataclass
 class PreparedDataset:
-    path: Path
+    path: Path | str  # a local folder, or the URI of one (s3://, gs://)
     manifest: dict
+
+    def file(self, *parts: str) -> Path | str:
+        """A file or folder of the dataset, in the form of ``path``."""
+        return self.path.joinpath(*parts) if isinstance(self.path, Path) else locations.join(self.path, *parts)
+
+    @property
+    def shard_files(self) -> list[str]:
+        """The sequence shards, from the manifest (the files it was verified with)."""
+        return [str(self.file(*name.split("/"))) for name in self.manifest["shards"]]
 
     @property
     def num_items(self) -> int:
@@ -53,12 +66,12 @@ class PreparedDataset:
         return self.manifest["fingerprint"]
 
     @property
-    def sequences_dir(self) -> Path:
-        return self.path / "sequences"
+    def sequences_dir(self) -> Path | str:
+        return self.file("sequences")
 
     def item_titles(self) -> list[str]:
         """Titles indexed by dense item id (index 0 = padding, empty title)."""
-        t = pq.read_table(self.path / "vocab" / "items.parquet")
+        t = pq.read_table(str(self.file("vocab", "items.parquet")))
         titles = [""] * (self.num_items + 1)
         for i, title in zip(t["item"].to_pylist(), t["title"].to_pylist()):
             titles[i] = title
@@ -128,15 +141,17 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8") and dataset in ("atomic", "csv"):
         settings["encoding"] = encoding
     fp = hashlib.sha256((fingerprint_files(files) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    out_dir = Path(output_dir).expanduser().resolve()  # absolute: Ray workers run in other folders
-    final = out_dir / f"{dataset}-{fp[:12]}"
+    name = f"{dataset}-{fp[:12]}"
+    # absolute: Ray workers run in other folders
+    final = locations.join(output_dir, name) if locations.is_uri(output_dir) else \
+        Path(output_dir).expanduser().resolve() / name
     if is_complete(final):
         log(f"[prepare] cache hit: {final}")
-        return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+        return load_prepared(final)
     with BuildLock(final, "prepare", log):  # one process prepares; concurrent jobs wait, then hit
         if is_complete(final):
             log(f"[prepare] cache hit: {final} (prepared by another process meanwhile)")
-            return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+            return load_prepared(final)
         # Parsed only on a cache miss (the fingerprint above hashed the files' bytes).
         read_args = {"dataset": dataset, "path": path, "columns": columns, "rating": min_rating is not None,
                      "delimiter": delimiter, "encoding": encoding}
@@ -152,7 +167,7 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
             _write_vocab_and_manifest(tmp, content, dataset, files, settings, fp, train_targets_per_user)
 
         build_locked(final, write, what="prepare", log=log)  # the caller holds the lock
-        return PreparedDataset(final, json.loads((final / "manifest.json").read_text()))
+        return load_prepared(final)
 
 
 def _prepare_in_memory(tmp: Path, read_args: dict, items_path: str, files: list[Path], min_rating,
@@ -219,11 +234,12 @@ def _write_vocab_and_manifest(tmp: Path, c: Content, dataset: str, files: list[P
 
 
 def load_prepared(path: str | Path) -> PreparedDataset:
-    p = Path(path).expanduser().resolve()
-    mf = p / "manifest.json"
-    if not mf.is_file():
+    """The prepared dataset at ``path``: a local folder or a URI (``s3://``, ``gs://``)."""
+    p = str(path) if locations.is_uri(path) else Path(path).expanduser().resolve()
+    mf = locations.join(str(p), "manifest.json")
+    if not locations.exists(mf):
         raise DataError(p, None, "not a prepared dataset (no manifest.json)", "run jobs/prepare.py first")
-    manifest = json.loads(mf.read_text())
+    manifest = json.loads(locations.read_bytes(mf))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(mf, "schema_version", f"version {manifest.get('schema_version')} != {SCHEMA_VERSION}",
                         "re-run jobs/prepare.py to rebuild the dataset")

@@ -8,6 +8,9 @@ Folder layout::
 
 Loading checks the vocabulary fingerprint: an ID model is only meaningful with the item ids it
 was trained on, so loading it against another dataset's vocabulary is an error.
+
+The folder may be a URI (``s3://``, ``gs://``; :mod:`idle_ray.locations`): it is then written
+locally and uploaded with its completeness marker last, and read from there by every process.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
-from idle_ray.build_once import mark_complete
+from idle_ray import locations
+from idle_ray.build_once import COMPLETE_MARKER, mark_complete
 from idle_ray.models.registry import build_id_model
 
 FORMAT_VERSION = 1
@@ -32,11 +36,14 @@ class ArtifactError(ValueError):
 
 
 def save_id_artifact(model: nn.Module, path: str | Path, *, name: str, kwargs: dict, vocab_fingerprint: str,
-                     data_fingerprint: str = "", extra: dict | None = None) -> Path:
-    """Write the artifact atomically (temp folder + rename, replacing an older one)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+                     data_fingerprint: str = "", extra: dict | None = None) -> Path | str:
+    """Write the artifact atomically (temp folder + rename, replacing an older one; for a URI,
+    upload with the marker last)."""
+    remote = locations.is_uri(path)
+    final = str(path) if remote else Path(path)
+    if not remote:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{Path(str(final)).name}-", dir=None if remote else final.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -48,7 +55,10 @@ def save_id_artifact(model: nn.Module, path: str | Path, *, name: str, kwargs: d
                 "data_fingerprint": data_fingerprint, **(extra or {})}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
         mark_complete(tmp)
-        if final.exists():
+        if remote:
+            locations.upload_folder(tmp, final, last=COMPLETE_MARKER)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.rename(final, old)
             os.rename(tmp, final)
@@ -62,10 +72,10 @@ def save_id_artifact(model: nn.Module, path: str | Path, *, name: str, kwargs: d
 
 
 def read_id_metadata(path: str | Path) -> dict:
-    p = Path(path) / "model.json"
-    if not p.is_file():
+    p = locations.join(str(path), "model.json")
+    if not locations.exists(p):
         raise ArtifactError(f"{p}: no ID-model artifact here; run jobs/pretrain.py first or fix id_model.artifact")
-    meta = json.loads(p.read_text())
+    meta = json.loads(locations.read_bytes(p))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{p}: artifact format {meta.get('format_version')} != {FORMAT_VERSION}; re-export it")
     return meta
@@ -76,11 +86,12 @@ def load_id_artifact(path: str | Path, expected_vocab_fingerprint: str | None = 
     meta = read_id_metadata(path)
     if expected_vocab_fingerprint is not None and meta["vocab_fingerprint"] != expected_vocab_fingerprint:
         raise ArtifactError(
-            f"{Path(path) / 'model.json'}: field 'vocab_fingerprint' = {meta['vocab_fingerprint']} does not match "
+            f"{locations.join(str(path), 'model.json')}: field 'vocab_fingerprint' = {meta['vocab_fingerprint']} "
+            f"does not match "
             f"the dataset's vocabulary ({expected_vocab_fingerprint}); this ID model was trained on other item ids. "
             f"Fix: pre-train an ID model on this dataset (jobs/pretrain.py) or point id_model.artifact at the right one")
     model = build_id_model(meta["name"], meta["num_items"], **meta["kwargs"])
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+    model.load_state_dict(load(locations.read_bytes(locations.join(str(path), "model.safetensors"))))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

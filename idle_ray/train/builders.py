@@ -163,8 +163,11 @@ def encode_prompts(batch: dict, **kwargs) -> dict:
 
 
 def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
-    """Prepare (or find in the cache) the dataset named by ``cfg.data``."""
+    """Prepare (or find in the cache) the dataset named by ``cfg.data``. Every job starts here, so it
+    first refuses locations that workers on other nodes could not read (``cluster.require_shared_paths``)."""
     from idle_ray.data.prepare import prepare_dataset
+    from idle_ray.train.cluster import require_shared_paths
+    require_shared_paths(cfg)
     d = cfg.data
     return prepare_dataset(d.dataset, d.output_dir, path=d.path, items_path=d.items_path,
                            min_user_interactions=d.min_user_interactions,
@@ -174,14 +177,21 @@ def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
                            log=log)
 
 
-def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
-    """Where the pre-trained ID model lives: ``id_model.artifact`` or a name derived from the run."""
-    if cfg.id_model.artifact:
-        return Path(cfg.id_model.artifact).expanduser().resolve()
+def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path | str:
+    """Where the pre-trained ID model lives: ``id_model.artifact`` or a name derived from the run under
+    ``id_model.artifacts_dir`` (a local folder as an absolute path, or a URI)."""
+    from idle_ray.locations import is_uri, join
+    m = cfg.id_model
+    if m.artifact:
+        return m.artifact if is_uri(m.artifact) else Path(m.artifact).expanduser().resolve()
     from idle_ray.config import config_hash
-    key = config_hash({"id_model": {**vars(cfg.id_model), "artifact": ""}, "pretrain": vars(cfg.pretrain),
+    settings = {k: v for k, v in vars(m).items() if k != "artifacts_dir"}  # where, not what
+    key = config_hash({"id_model": {**settings, "artifact": ""}, "pretrain": vars(cfg.pretrain),
                        "max_history": cfg.data.max_history, "seed": cfg.seed})
-    return Path("artifacts").resolve() / "id_models" / f"{prepared.manifest['dataset']}-{cfg.id_model.name}-s{cfg.seed}-{key}"
+    name = f"{prepared.manifest['dataset']}-{m.name}-s{cfg.seed}-{key}"
+    if is_uri(m.artifacts_dir):
+        return join(m.artifacts_dir, "id_models", name)
+    return Path(m.artifacts_dir).expanduser().resolve() / "id_models" / name
 
 
 def sibling_artifact(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
@@ -208,7 +218,7 @@ def uses_anchor(cfg: ExperimentConfig) -> bool:
             and a.variant in ("idle", "idle_no_refine", "idle_no_mmd"))
 
 
-def anchor_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path:
+def anchor_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path | str:
     return id_artifact_dir(all_targets_config(cfg), prepared)
 
 

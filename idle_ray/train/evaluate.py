@@ -16,6 +16,7 @@ from idle_ray.config import ExperimentConfig, experiment_from_dict, to_dict
 from idle_ray.data.pipeline import split_dataset
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.eval.metrics import finalize, metric_sums
+from idle_ray.locations import exists, join
 from idle_ray.results.records import ranks_entry
 
 
@@ -43,7 +44,7 @@ def anchor_model(cfg: ExperimentConfig, prepared):
     from idle_ray.models.artifact import load_id_artifact
     from idle_ray.train import builders
     path = builders.anchor_artifact_dir(cfg, prepared)
-    if not (path / "model.json").is_file():
+    if not exists(join(str(path), "model.json")):
         from idle_ray.config import ConfigError
         raise ConfigError(f"field 'adapter.anchor_weight' = {cfg.adapter.anchor_weight:g} scores the adapter on top "
                           f"of its ID model trained on every target, but {path} does not exist. Fix: run "

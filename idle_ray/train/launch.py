@@ -6,9 +6,7 @@ finished run returns at once with its final state.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import ray
 
@@ -18,44 +16,8 @@ from idle_ray.data.prepare import PreparedDataset
 from idle_ray.train import builders
 from idle_ray.train import storage as run_storage
 from idle_ray.train.checkpoints import CKPT_META, CKPT_WEIGHTS
+from idle_ray.train.cluster import ensure_ray, require_shared_paths  # noqa: F401 - ensure_ray: this API
 from idle_ray.train.worker import train_fn_per_worker
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join a running cluster (``RAY_ADDRESS`` / ``ray job submit``) or start an embedded one."""
-    if ray.is_initialized():
-        return
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           # Train V2 patches print() in its workers to log through the root logger *and*, when the
-           # worker's stdout is wrapped (it is under `ray job submit`), to print as well: every
-           # progress line reached `ray job logs` twice. Unpatched, a print is a print, once.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    # Under `ray job submit` Ray merges this runtime env into the job's and refuses any variable
-    # the job's runtime env sets too (even with the same value): leave those to the job.
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
-    if not os.environ.get("RAY_ADDRESS"):
-        # Embedded local Ray: workers start in another folder, so they need the package on their
-        # path (under `ray job submit` the job's working_dir provides it).
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    kwargs = {}
-    if not os.environ.get("RAY_ADDRESS"):
-        # The dashboard serves the state API that Ray Train's PlacementGroupCleaner uses to release
-        # the resources of stopped runs (e.g. ASHA-stopped Tune trials). Its client finds the API by
-        # auto-detection, which fails when several Ray instances run on one machine: name it.
-        port = _free_port()
-        kwargs["dashboard_port"] = port
-        env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ingest_options():
@@ -67,22 +29,16 @@ def ingest_options():
 
 
 def check_storage(storage_path: str, num_workers: int, cpus_per_worker: float = 0.0, use_gpu: bool = False) -> str:
-    """Local folders are made absolute; a node-local path cannot serve a multi-node run; a URI
-    (``s3://``, ``gs://``) must be writable now (:func:`idle_ray.train.storage.check_uri`), from the
-    driver and, with Ray up, from a node where a Train worker (``cpus_per_worker``, ``use_gpu``) runs."""
+    """Local folders are made absolute (whether other nodes see them is
+    :func:`~idle_ray.train.cluster.require_shared_paths`' call); a URI (``s3://``, ``gs://``) must be
+    writable now (:func:`idle_ray.train.storage.check_uri`), from the driver and, with Ray up, from a
+    node where a Train worker (``cpus_per_worker``, ``use_gpu``) runs."""
     if run_storage.is_uri(storage_path):
         run_storage.check_uri(storage_path)
         if ray.is_initialized():  # every launch starts Ray first; a config-time check without it is the driver's
             check_uri_on_worker(storage_path, cpus_per_worker, use_gpu)
         return storage_path
-    path = run_storage.absolute(storage_path)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and num_workers > 1 and not os.environ.get("IDLE_RAY_SHARED_STORAGE"):
-        raise ConfigError(
-            f"field 'train.storage_path' = {storage_path!r} is a node-local folder but the cluster has {len(nodes)} "
-            "nodes: checkpoints must be on shared storage. Fix: use s3://, gs:// or an NFS mount "
-            "(and set IDLE_RAY_SHARED_STORAGE=1 if the path is a shared mount).")
-    return path
+    return run_storage.absolute(storage_path)
 
 
 def _write_probe(storage_path: str) -> tuple[str, str]:
@@ -118,6 +74,7 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     pre = task == "pretrain"
     workers = cfg.pretrain.num_workers if pre else cfg.train.num_workers
     cpus = cfg.pretrain.cpus_per_worker if pre else cfg.train.cpus_per_worker
+    require_shared_paths(cfg)
     storage = check_storage(cfg.train.storage_path, workers, cpus, cfg.train.use_gpu and not pre)
     if not pre:
         builders.prepare_backbone(cfg)

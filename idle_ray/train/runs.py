@@ -21,11 +21,12 @@ def pretrain(cfg: ExperimentConfig, prepared: PreparedDataset, log=print) -> tup
     Built once (house rule 14): a complete artifact is reused; otherwise one process trains it under
     the artifact's file lock while concurrent jobs with the same settings wait, then reuse it."""
     from idle_ray.build_once import BuildLock, is_complete
+    from idle_ray.locations import exists, join
     from idle_ray.models.artifact import read_id_metadata
     from idle_ray.train import builders
 
     out = builders.id_artifact_dir(cfg, prepared)
-    explicit = bool(cfg.id_model.artifact) and (out / "model.json").is_file()  # the user's own, as it is
+    explicit = bool(cfg.id_model.artifact) and exists(join(str(out), "model.json"))  # the user's own, as it is
     if explicit or is_complete(out):
         log(f"[pretrain] reusing {out}")
         return str(out), read_id_metadata(out)
@@ -44,7 +45,7 @@ def _pretrain_locked(cfg: ExperimentConfig, prepared: PreparedDataset, out, log)
 
     ensure_ray()
     t0 = time.time()
-    result = run_training(cfg, prepared, task="pretrain", run_name=f"{out.name}")
+    result = run_training(cfg, prepared, task="pretrain", run_name=str(out).rstrip("/").rsplit("/", 1)[-1])
     if result.error:
         raise result.error
     task, kwargs = builders.build_pretrain_task(cfg, prepared)

@@ -1,13 +1,8 @@
 """Run storage: a local folder, an NFS mount or an ``s3://`` / ``gs://`` URI, through pyarrow filesystems.
 
-Ray Train resolves ``train.storage_path`` with ``pyarrow.fs.FileSystem.from_uri``; everything here
-resolves it the same way, so the driver, the workers and a later job (``jobs/evaluate.py --run``)
-see the same files. Endpoints and credentials come from the environment as pyarrow reads them
-(``AWS_ENDPOINT_URL``, ``AWS_REGION``, instance profiles, ``GOOGLE_APPLICATION_CREDENTIALS``, ...),
-never from the config.
-
-A *location* below is a local path or a URI (``s3://bucket/key``); :func:`join` and :func:`uri`
-keep it in that form, so it can travel to other processes as a string.
+A *location* is a local path or a URI (``s3://bucket/key``), resolved as Ray Train resolves
+``train.storage_path`` (:mod:`idle_ray.locations`, whose functions this module re-exports), so the
+driver, the workers and a later job (``jobs/evaluate.py --run``) see the same files.
 """
 from __future__ import annotations
 
@@ -18,15 +13,13 @@ import tempfile
 import time
 import uuid
 import warnings
-from pathlib import Path
 
 import pyarrow.fs as pafs
 
 from idle_ray.config import ConfigError
+from idle_ray.locations import absolute, exists, is_uri, join, read_bytes, resolve, uri  # noqa: F401 - this API
 from idle_ray.results.files import json_text, write_json
 
-# pyarrow's filesystem type names -> URI schemes
-_SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}
 # How long a read of run state waits for storage to come back (an endpoint restarting, a network
 # blip) before the run gives up with StorageUnavailable.
 OUTAGE_PATIENCE_S = float(os.environ.get("IDLE_RAY_STORAGE_PATIENCE_S", "300"))
@@ -67,48 +60,6 @@ def patiently(fn, what: str, patience_s: float | None = None):
             time.sleep(wait)
             wait = min(wait * 2, 10.0)
 
-
-def is_uri(location: str) -> bool:
-    return "://" in str(location)
-
-
-def absolute(location: str) -> str:
-    """A URI as it is; a local path made absolute (Ray and Tune read a relative one elsewhere, or
-    as a URI without a scheme)."""
-    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
-
-
-def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path on it)``; local paths become absolute."""
-    if not is_uri(location):
-        return pafs.LocalFileSystem(), absolute(location)
-    return pafs.FileSystem.from_uri(str(location))
-
-
-def uri(fs: pafs.FileSystem, path: str) -> str:
-    """The location of ``path`` on ``fs`` (e.g. a Ray checkpoint's ``filesystem`` + ``path``)."""
-    if fs.type_name == "local":
-        return path
-    if fs.type_name not in _SCHEMES:
-        raise ValueError(f"cannot name a location on a {fs.type_name!r} filesystem")
-    return _SCHEMES[fs.type_name] + path.lstrip("/")
-
-
-def join(location: str, *parts: str) -> str:
-    if is_uri(location):
-        return posixpath.join(str(location).rstrip("/"), *parts)
-    return os.path.join(location, *parts)
-
-
-def exists(location: str) -> bool:
-    fs, path = resolve(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_bytes(location: str) -> bytes:
-    fs, path = resolve(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def subfolders(location: str, prefix: str = "") -> list[str]:

@@ -39,7 +39,7 @@ def _field(cfg: ExperimentConfig, dotted: str):
 
 def id_model_fingerprint(id_artifact: str | Path) -> str:
     """Content hash of an ID-model artifact's weights (the frozen half of an adapter's input)."""
-    return hashlib.sha256((Path(id_artifact) / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(storage.read_bytes(storage.join(str(id_artifact), "model.safetensors"))).hexdigest()[:16]
 
 
 def weights_metadata(cfg: ExperimentConfig, prepared: PreparedDataset, task: str,
@@ -102,7 +102,7 @@ def check_adapter_weights(location: str, cfg: ExperimentConfig, prepared: Prepar
         raise WeightsError(f"{location}: trained with another config ({listed}). {fix}, e.g. {sets}")
     trained_id = meta.get("idle_ray.id_model_fingerprint")
     # (a missing artifact is reported by the artifact check, with its own fix)
-    if trained_id and (Path(id_artifact) / "model.safetensors").is_file() and \
+    if trained_id and storage.exists(storage.join(str(id_artifact), "model.safetensors")) and \
             trained_id != id_model_fingerprint(id_artifact):
         raise WeightsError(f"{location}: trained on top of another ID model than {id_artifact} (weights "
                            f"fingerprint {trained_id} != {id_model_fingerprint(id_artifact)}). Fix: set "
