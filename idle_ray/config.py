@@ -238,6 +238,24 @@ class ServeConfig:
     max_body_bytes: int = _f(65536, "Largest request body; larger ones get 413.", min=64)
 
 
+STUDY_ROWS = ("id_only", "llm_only", "llara", "idle", "idle_no_fusion", "idle_no_refine", "idle_no_mmd")
+
+
+@dataclass
+class StudyConfig:
+    seeds: list = _f(None, "Seeds of jobs/study.py: a grid axis, every cell runs once per seed (mean ± std over them).",
+                     factory=lambda: [0, 1, 2])
+    id_models: list = _f(None, "ID models of the study: Table 1 has an ID-only and an IDLE row per model; the first "
+                         "is the base of LLM-only, LLaRA, the ablations and Figure 3.",
+                         factory=lambda: ["sasrec", "gru4rec", "caser"])
+    rows: list = _f(None, "Table 1 rows, from " + ", ".join(STUDY_ROWS) + ".", factory=lambda: list(STUDY_ROWS))
+    prompt_lengths: list = _f(None, "Figure 3's axis: prompt lengths k of IDLE on the first ID model (empty: no "
+                              "Figure 3).", factory=lambda: [1, 2, 4, 8, 16, 32])
+    out_dir: str = _f("results/study", "Outputs go to <out_dir>/<name>/ (table1.md, fig3.png, results.json).")
+    bootstrap_resamples: int = _f(10_000, "Resamples of the paired per-user bootstrap (IDLE minus the best "
+                                  "baseline).", min=1)
+
+
 @dataclass
 class ExperimentConfig:
     name: str = _f("idle-ml100k", "Run name; rerunning the same name resumes.")
@@ -252,6 +270,8 @@ class ExperimentConfig:
     eval: EvalConfig = _f(None, "Evaluation.", factory=EvalConfig)
     tune: TuneConfig = _f(None, "Hyperparameter search.", factory=TuneConfig)
     serve: ServeConfig = _f(None, "Online recommendations on Ray Serve.", factory=ServeConfig)
+    study: StudyConfig = _f(None, "The paper's tables and figures as one Tune grid (jobs/study.py).",
+                            factory=StudyConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -377,8 +397,24 @@ def _validate_cross(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: field 'pretrain.holdout_window' = {p.holdout_window} is below "
                           f"pretrain.holdout_targets = {p.holdout_targets}: draw N targets among at least N "
                           f"(or 0 for the last N)")
+    _validate_study(cfg.study, source)
     if cfg.data.dataset in ("atomic", "csv", "parquet") and not cfg.data.path:
         raise ConfigError(f"{source}: field 'data.path' is required when data.dataset = {cfg.data.dataset!r}")
+
+
+def _validate_study(s: StudyConfig, source: str) -> None:
+    def listed(key, allowed, fix, empty_ok=False):
+        values = getattr(s, key)
+        if (not values and not empty_ok) or len(set(map(str, values))) != len(values) or \
+                any(not allowed(v) for v in values):
+            raise ConfigError(f"{source}: field 'study.{key}' = {values!r}: {fix}")
+    listed("seeds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+           "a non-empty list of distinct integers >= 0, e.g. [0, 1, 2]")
+    listed("id_models", lambda v: v in ("sasrec", "gru4rec", "caser"),
+           "a non-empty list of distinct names from sasrec, gru4rec, caser")
+    listed("rows", lambda v: v in STUDY_ROWS, "a non-empty list of distinct rows from " + ", ".join(STUDY_ROWS))
+    listed("prompt_lengths", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 32,
+           "distinct integers in [1, 32] (adapter.prompt_length's range), or [] for no Figure 3", empty_ok=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -436,12 +472,13 @@ def to_dict(cfg) -> dict:
 
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
-    section (how a trained model is served), ``adapter.anchor_weight`` (how a trained adapter is
-    scored) and ``id_model.artifacts_dir`` (where ID models are kept) are left out: they never change
-    what is trained."""
+    section (how a trained model is served), the ``study`` section (which cells a study runs; a
+    study hashes it itself), ``adapter.anchor_weight`` (how a trained adapter is scored) and
+    ``id_model.artifacts_dir`` (where ID models are kept) are left out: they never change what is
+    trained."""
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
     if isinstance(cfg, ExperimentConfig):
-        d = {k: v for k, v in d.items() if k != "serve"}
+        d = {k: v for k, v in d.items() if k not in ("serve", "study")}
         d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "anchor_weight"}
         d["id_model"] = {k: v for k, v in d["id_model"].items() if k != "artifacts_dir"}
     blob = json.dumps(d, sort_keys=True, default=str).encode()

@@ -19,14 +19,12 @@ import dataclasses
 import os
 import time
 
-import numpy as np
-
 from idle_ray.config import ConfigError, ExperimentConfig, config_hash
+from idle_ray.results.comparison import comparison_table as results_comparison_table
+from idle_ray.results.comparison import versus_best_baseline
 from idle_ray.results.files import write_json, write_text
 from idle_ray.results.plots import bar_plot
-from idle_ray.results.records import user_metric
-from idle_ray.results.stats import paired_bootstrap
-from idle_ray.results.tables import markdown_table, metrics_table
+from idle_ray.results.tables import metrics_table
 
 COLUMNS = ("hr@1", "hr@5", "ndcg@5", "hr@10", "ndcg@10", "mrr")
 COMPARED = ("hr@5", "ndcg@5")
@@ -93,44 +91,13 @@ def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
     return records
 
 
-def seed_averaged(records: list[dict], row: str, metric: str) -> np.ndarray:
-    """Per-user ``metric`` of ``row``, averaged over its seeds (users sorted by id)."""
-    values = [user_metric(r, metric) for r in records if r["row"] == row]
-    users = values[0][0]
-    if any(not np.array_equal(u, users) for u, _ in values):
-        raise ValueError(f"the seeds of {row!r} were evaluated on different users")
-    return np.mean([v for _, v in values], axis=0)
-
-
 def comparison(records: list[dict], resamples: int = 10_000) -> list[dict]:
     """IDLE minus the best baseline row on each of ``COMPARED``: ratio of means and a paired bootstrap."""
-    present = {r["row"] for r in records}
-    out = []
-    for candidate in ("idle", "idle_unanchored", "idle_refit"):
-        if candidate not in present:
-            continue
-        for metric in COMPARED:
-            means = {row: float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == row]))
-                     for row in BASELINES if row in present}
-            if not means:
-                continue
-            best = max(means, key=means.get)
-            idle = float(np.mean([r["test"]["full"][metric] for r in records if r["row"] == candidate]))
-            diff, lo, hi = paired_bootstrap(seed_averaged(records, candidate, metric),
-                                            seed_averaged(records, best, metric), resamples=resamples)
-            out.append({"row": candidate, "metric": metric, "baseline": best, "idle": idle,
-                        "baseline_value": means[best], "ratio": idle / means[best] if means[best] else float("nan"),
-                        "diff": diff, "lo": lo, "hi": hi})
-    return out
+    return versus_best_baseline(records, ("idle", "idle_unanchored", "idle_refit"), BASELINES, COMPARED, resamples)
 
 
 def comparison_table(rows: list[dict], labels: dict[str, str] | None = None) -> str:
-    name = {**{k: v[2] for k, v in ROWS.items()}, **(labels or {})}
-    body = [[name[c["row"]], c["metric"].upper(), name[c["baseline"]], f"{c['idle']:.4f}",
-             f"{c['baseline_value']:.4f}", f"{c['ratio']:.3f}x", f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"]
-            for c in rows]
-    return "\n".join(markdown_table(["row", "metric", "best baseline", "IDLE", "baseline", "IDLE / baseline",
-                                     "IDLE − baseline, paired bootstrap 95% (users, 10,000 resamples)"], body))
+    return results_comparison_table(rows, {**{k: v[2] for k, v in ROWS.items()}, **(labels or {})})
 
 
 def run_main_job(cfg: ExperimentConfig, out: str, seeds=None, rows=DEFAULT_ROWS, log=print) -> list[dict]:

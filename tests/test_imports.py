@@ -11,7 +11,7 @@ LAYERS = {
     "models": 1, "llm": 1, "adapter": 1,
     "results": 2,
     "train": 3,
-    "tune": 4, "experiments": 4, "serve": 4,
+    "tune": 4, "experiments": 4, "serve": 4, "study": 4,
     "cli": 5,
 }
 

@@ -64,3 +64,34 @@ def curves_plot(curves: dict[str, list[tuple]], path, xlabel: str, ylabel: str, 
         ax.legend(fontsize=6)
     fig.tight_layout()
     _save(fig, path, dpi=110)
+
+
+def errorbar_panels(panels: dict[str, dict[str, list[tuple]]], path, xlabel: str, title: str = "",
+                    references: dict[str, dict[str, float]] | None = None, log_x: bool = False) -> None:
+    """One panel per key of ``panels`` (its y label), one line per series through ``(x, [value per seed])``
+    points: the mean, with the sample std over seeds as error bars (none for one seed).
+    ``references``: ``{label: {panel: value}}`` drawn as dashed horizontal lines (e.g. the ID model)."""
+    matplotlib, plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            stats = [mean_std(values) for _, values in points]
+            err = [s[1] or 0.0 for s in stats] if any(len(v) > 1 for _, v in points) else None
+            ax.errorbar([x for x, _ in points], [s[0] for s in stats], yerr=err, marker="o", ms=4, capsize=3,
+                        label=label)
+        for label, values in (references or {}).items():
+            if ylabel in values:
+                ax.axhline(values[ylabel], ls="--", lw=1, color="grey", label=label)
+        if log_x:
+            ax.set_xscale("log", base=2)
+            xs = sorted({x for points in series.values() for x, _ in points})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path, dpi=120)

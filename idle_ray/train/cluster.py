@@ -41,6 +41,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # path (under `ray job submit` the job's working_dir provides it).
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # DeepSpeed JIT-builds a CPU op (deepspeed_shm_comm) at every engine start into torch's
+        # extension cache; venvs sharing the default ~/.cache/torch_extensions rewrite each other's
+        # build files and runs rebuilt it in turn (minutes of compiling on 2 cores): one cache per venv.
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     kwargs = {}
     if not os.environ.get("RAY_ADDRESS"):
         # The dashboard serves the state API that Ray Train's PlacementGroupCleaner uses to release
@@ -52,6 +56,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
+
+
+def torch_extensions_dir() -> str:
+    """This venv's own folder for torch's JIT-built extensions (DeepSpeed's CPU ops)."""
+    import hashlib
+    import sys
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"venv-{key}")
 
 
 def _free_port() -> int:

@@ -1,0 +1,128 @@
+"""The study's outputs from its records alone: Table 1 (mean ± std over seeds, best per column in bold,
+IDLE minus the best baseline with a paired per-user bootstrap), Figure 3 (HR@5 and NDCG@5 against the
+prompt length, error bars over seeds) and ``results.json`` holding every record (per-user ranks,
+seed, config hash, data fingerprint), so the tables and figures can be recomputed without training
+(:func:`results_from_file`)."""
+from __future__ import annotations
+
+import json
+import os
+
+from idle_ray.config import ConfigError, ExperimentConfig, config_hash, experiment_from_dict, to_dict
+from idle_ray.results.comparison import comparison_table, versus_best_baseline
+from idle_ray.results.files import write_json, write_text
+from idle_ray.results.plots import errorbar_panels
+from idle_ray.results.stats import mean_std
+from idle_ray.results.tables import metrics_table
+from idle_ray.study.cells import (BASELINES, COLUMNS, FIG3_METRICS, MODEL_NAMES, figure3_cells, label, study_hash,
+                                  table_cells)
+
+
+def data_summary(manifest: dict) -> dict:
+    """What the outputs say about the data (from a prepared dataset's manifest)."""
+    return {k: manifest[k] for k in ("dataset", "num_users", "num_items", "fingerprint")}
+
+
+def _by_cell(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["cell"], []).append(r)
+    return out
+
+
+def _stats(recs: list[dict], columns) -> dict:
+    stats = {c: mean_std([r["test"]["full"][c] for r in recs]) for c in columns}
+    return {"mean": {c: s[0] for c, s in stats.items()}, "std": {c: s[1] for c, s in stats.items()}}
+
+
+def table1(cfg: ExperimentConfig, data: dict, records: list[dict]) -> dict:
+    """Rows (cell, label, seeds, mean, std), the comparison, and the Markdown of both."""
+    by_cell, cells = _by_cell(records), table_cells(cfg)
+    missing = [c.key for c in cells if c.key not in by_cell]
+    if missing:
+        raise ValueError(f"no records for Table 1 row(s) {missing}")
+    labels = {c.key: label(cfg, c) for c in cells}
+    rows = [{"cell": c.key, "row": c.row, "id_model": c.id_model, "label": labels[c.key],
+             "seeds": [r["seed"] for r in by_cell[c.key]], **_stats(by_cell[c.key], COLUMNS)} for c in cells]
+    keyed = [{**r, "row": c.key} for c in cells for r in by_cell[c.key]]
+    compared = versus_best_baseline(keyed, [c.key for c in cells if c.row == "idle"],
+                                    [c.key for c in cells if c.row in BASELINES], COLUMNS,
+                                    resamples=cfg.study.bootstrap_resamples)
+    title = (f"Table 1: {data['dataset']} test, full ranking over {data['num_items']:,} items, "
+             f"{data['num_users']:,} users; backbone {cfg.llm.backbone}; mean ± std over seeds "
+             f"{', '.join(map(str, cfg.study.seeds))}; LLM-only, LLaRA and ablations on "
+             f"{MODEL_NAMES[cfg.study.id_models[0]]}")
+    text = metrics_table({labels[c.key]: [r["test"]["full"] for r in by_cell[c.key]] for c in cells}, COLUMNS, title)
+    if compared:
+        text += "\n\n#### IDLE minus the best baseline (per column)\n\n" + comparison_table(compared, labels)
+    text += (f"\n\nconfig hash {config_hash(cfg)}, study hash {study_hash(cfg)}, data fingerprint "
+             f"{data['fingerprint'][:12]}; per-user ranks behind every number in results.json\n")
+    return {"columns": list(COLUMNS), "rows": rows, "comparison": compared, "markdown": text}
+
+
+def figure3(cfg: ExperimentConfig, data: dict, records: list[dict]) -> dict | None:
+    """Series per metric over the prompt lengths (values per seed, mean, std), the ID-only reference."""
+    cells = figure3_cells(cfg)
+    if not cells:
+        return None
+    by_cell = _by_cell(records)
+    missing = [c.key for c in cells if c.key not in by_cell]
+    if missing:
+        raise ValueError(f"no records for Figure 3 point(s) {missing}")
+    series = {}
+    for m in FIG3_METRICS:
+        values = [[r["test"]["full"][m] for r in by_cell[c.key]] for c in cells]
+        stats = [mean_std(v) for v in values]
+        series[m] = {"label": label(cfg, cells[0]), "cells": [c.key for c in cells], "values": values,
+                     "mean": [s[0] for s in stats], "std": [s[1] for s in stats]}
+    ref_key = f"id_only-{cells[0].id_model}"
+    reference = None
+    if ref_key in by_cell:
+        reference = {"label": f"{MODEL_NAMES[cells[0].id_model]} (ID-only)", "cell": ref_key,
+                     "mean": _stats(by_cell[ref_key], FIG3_METRICS)["mean"]}
+    return {"x": [c.prompt_length for c in cells], "xlabel": "prompt length k (ID tokens in the prompt)",
+            "series": series, "reference": reference,
+            "title": f"Figure 3: prompt length, {data['dataset']} test, backbone {cfg.llm.backbone}; mean ± std "
+                     f"over seeds {', '.join(map(str, cfg.study.seeds))}"}
+
+
+def study_results(cfg: ExperimentConfig, data: dict, records: list[dict], wall_seconds: float | None = None) -> dict:
+    """Everything the outputs hold, computed from ``records`` (one per cell and seed) alone."""
+    other = {r.get("data_fingerprint") for r in records} - {data["fingerprint"]}
+    if other:
+        raise ValueError(f"records from other data ({sorted(map(str, other))}) than {data['fingerprint'][:12]}")
+    return {"name": cfg.name, "study_hash": study_hash(cfg), "config_hash": config_hash(cfg),
+            "seeds": list(cfg.study.seeds), "data": data, "data_fingerprint": data["fingerprint"],
+            "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1), "config": to_dict(cfg),
+            "table1": table1(cfg, data, records), "fig3": figure3(cfg, data, records), "records": records}
+
+
+def write_outputs(results: dict, out: str, log=print) -> None:
+    """``out/table1.md``, ``out/fig3.png`` (when the study has Figure 3) and ``out/results.json``, each
+    written to a temp file and renamed into place."""
+    write_text(os.path.join(out, "table1.md"), results["table1"]["markdown"])
+    fig = results["fig3"]
+    if fig:
+        panels = {m.upper(): {s["label"]: list(zip(fig["x"], s["values"]))} for m, s in fig["series"].items()}
+        ref = fig["reference"]
+        errorbar_panels(panels, os.path.join(out, "fig3.png"), fig["xlabel"], fig["title"], log_x=True,
+                        references={ref["label"]: {m.upper(): v for m, v in ref["mean"].items()}} if ref else None)
+    write_json(os.path.join(out, "results.json"), results)
+    log("\n" + results["table1"]["markdown"])
+    log(f"[study] wrote {out}/table1.md" + (", fig3.png" if fig else "") + ", results.json")
+
+
+def results_from_file(path: str) -> dict:
+    """:func:`study_results` again from a saved ``results.json`` (its config and records), no training."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        cfg = experiment_from_dict(saved["config"], source=path)
+        data, records = saved["data"], saved["records"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--from-results: cannot read {path} ({type(e).__name__}: {e}); pass a results.json "
+                          f"written by jobs/study.py") from None
+    if config_hash(cfg) != saved.get("config_hash") or study_hash(cfg) != saved.get("study_hash"):
+        raise ConfigError(f"--from-results: {path} was edited (its config no longer hashes to "
+                          f"{saved.get('config_hash')}); use the file jobs/study.py wrote")
+    return study_results(cfg, data, records, saved.get("wall_seconds"))
