@@ -67,7 +67,14 @@ def _closed_port() -> int:
 
 
 def test_misconfigured_uri_fails_at_config_time(s3, tmp_path, monkeypatch):
-    from idle_ray.train.launch import check_storage
+    """The driver's config-time check (a worker node's own check: the worker-node test below), then a
+    train job refused with the field and the fix before any work. ``check_uri`` directly: with the
+    suite's Ray up, ``launch.check_storage`` also probes from a Ray worker, whose environment has not
+    got this test's S3 endpoint."""
+    from idle_ray.train.storage import check_uri
+
+    def check_storage(uri, _workers):
+        return check_uri(uri)
 
     check_storage(f"s3://{BUCKET}/runs", 2)  # reachable and writable: no error, nothing left behind
     assert not _files(s3, f"{BUCKET}/runs")
@@ -166,7 +173,9 @@ def test_worker_node_that_cannot_write_stops_the_job_before_training(s3, tmp_pat
         inter, items = write_tiny_data(tmp_path)
         storage_path = f"s3://{BUCKET}/worker-check"
         config = write_tiny_config(tmp_path / "tiny.yaml", inter, items, tmp_path, storage_path)
-        env = {**ray_nodes.node_env(), "RAY_ADDRESS": gcs}  # the driver: this process's moto endpoint
+        # the driver: this process's moto endpoint; every node is on this machine, so its local data and
+        # artifact folders are shared (else the refusal of head-local paths answers first)
+        env = {**ray_nodes.node_env(), "RAY_ADDRESS": gcs, "IDLE_RAY_SHARED_STORAGE": "1"}
         r = run_job("train.py", "--config", config, cwd=tmp_path, env=env, timeout=600)
         assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
         errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]

@@ -32,6 +32,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
            # worker's stdout is wrapped (it is under `ray job submit`), to print as well: every
            # progress line reached `ray job logs` twice. Unpatched, a print is a print, once.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if os.environ.get(SHARED_STORAGE_ENV):
+        # the driver's declaration holds for its workers too: a Tune trial's driver runs on a worker
+        # node and checks the paths again before its Train run
+        env[SHARED_STORAGE_ENV] = os.environ[SHARED_STORAGE_ENV]
     # Under `ray job submit` Ray merges this runtime env into the job's and refuses any variable
     # the job's runtime env sets too (even with the same value): leave those to the job.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
