@@ -97,13 +97,9 @@ def lock_path(final: str | Path) -> Path:
     """``<parent>/.<name>.lock``; for a URI, a file named after it in this node's temp folder."""
     if locations.is_uri(final):
         key = hashlib.sha256(str(final).rstrip("/").encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / "idle_ray_locks" / f".{_name(final)}-{key}.lock"
+        return Path(tempfile.gettempdir()) / "idle_ray_locks" / f".{locations.basename(final)}-{key}.lock"
     final = Path(final)
     return final.parent / f".{final.name}.lock"
-
-
-def _name(final: str | Path) -> str:
-    return str(final).rstrip("/").rsplit("/", 1)[-1]
 
 
 class BuildLock:
@@ -232,7 +228,7 @@ def _build_and_upload(final: str, reason: str, build, verify, what: str, log, in
     """:func:`build_locked` for a URI: build and verify in a local temp folder, upload, marker last."""
     if reason != "missing":
         log(f"[{what}] {final} is incomplete ({reason}); rebuilding it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{_name(final)}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{locations.basename(final)}-"))
     try:
         build(tmp)
         if verify is not None:

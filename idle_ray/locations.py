@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -51,6 +52,11 @@ def join(location, *parts: str) -> str:
     return os.path.join(location, *parts)
 
 
+def basename(location) -> str:
+    """The last part of a path or URI (``s3://b/x/name/`` -> ``name``)."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
 def exists(location) -> bool:
     fs, path = resolve(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -79,5 +85,5 @@ def upload_folder(local: str | Path, location: str, last: str) -> None:
         fs.delete_file(old)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     for p in sorted(files, key=lambda p: p.name == last):  # stable: `last` moves to the end
-        with fs.open_output_stream(posixpath.join(path, p.relative_to(local).as_posix())) as out:
-            out.write(p.read_bytes())
+        with open(p, "rb") as src, fs.open_output_stream(posixpath.join(path, p.relative_to(local).as_posix())) as out:
+            shutil.copyfileobj(src, out)

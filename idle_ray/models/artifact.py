@@ -43,7 +43,7 @@ def save_id_artifact(model: nn.Module, path: str | Path, *, name: str, kwargs: d
     final = str(path) if remote else Path(path)
     if not remote:
         final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{Path(str(final)).name}-", dir=None if remote else final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{locations.basename(final)}-", dir=None if remote else final.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))

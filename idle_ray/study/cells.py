@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
+from idle_ray import locations
 from idle_ray.config import STUDY_ROWS, ExperimentConfig, StudyConfig, config_hash, to_dict
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.experiments import row_config
@@ -92,17 +92,24 @@ def cell_config(cfg: ExperimentConfig, cell: Cell, seed: int, artifact: str, run
     return c
 
 
-def artifact_dir(cfg: ExperimentConfig, id_model: str, seed: int, prepared: PreparedDataset, root: Path) -> str:
-    """The base ID model of (dataset, ``id_model``, ``seed``) for these pre-training settings and data."""
+def artifact_dir(cfg: ExperimentConfig, id_model: str, seed: int, prepared: PreparedDataset, root: str) -> str:
+    """The base ID model of (dataset, ``id_model``, ``seed``) for these pre-training settings and data,
+    under ``root`` (:func:`artifacts_root`)."""
     derived = builders.id_artifact_dir(id_config(cfg, id_model, seed, "", ""), prepared)
-    return str(Path(root).resolve() / f"{derived.name}-{prepared.fingerprint[:8]}")
+    return locations.join(root, f"{locations.basename(derived)}-{prepared.fingerprint[:8]}")
+
+
+def artifacts_root(cfg: ExperimentConfig) -> str:
+    """The study's ID models: ``<id_model.artifacts_dir>/studies/<name>`` (a local folder made absolute,
+    or a URI that every node reads)."""
+    return locations.join(locations.absolute(cfg.id_model.artifacts_dir), "studies", cfg.name)
 
 
 def plan_key(name: str, seed: int) -> str:
     return f"{name}|s{seed}"
 
 
-def pretrain_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: Path, runs: str) -> dict:
+def pretrain_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: str, runs: str) -> dict:
     """``{plan_key(model, seed): {"experiments": [config dicts to pre-train]}}`` for the ID models the
     cells use: the base, and with ``pretrain.holdout_targets`` > 0 the every-target one too."""
     plans = {}
@@ -114,7 +121,7 @@ def pretrain_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: 
     return plans
 
 
-def cell_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: Path, runs: str) -> dict:
+def cell_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: str, runs: str) -> dict:
     """``{plan_key(cell key, seed): plan}``: the cell's config (a dict), the ID-model artifact its run
     reads, the name of its record file, and what the record says about the cell."""
     plans = {}

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import time
-from pathlib import Path
 
 from ray import tune
 
@@ -96,15 +95,15 @@ def run_grid(fn, space: dict, *, storage: str, name: str, concurrent: int, max_f
 
 
 def concurrency(cfg: ExperimentConfig, trials: int, pretraining: bool) -> int:
-    """Trials at once: ``tune.max_concurrent_trials`` or what the cluster holds (each trial needs its
-    Train workers: the pre-training ones in the first grid)."""
-    import ray
+    """Trials at once: ``tune.max_concurrent_trials`` or what the cluster may grow to (each trial needs
+    its Train workers: the pre-training ones in the first grid), as for a search."""
+    from idle_ray.tune.capacity import cluster_max_resources
     train = cfg.train
     if pretraining:
         p = cfg.pretrain
         train = dataclasses.replace(train, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker, use_gpu=False)
     return max_concurrent_trials(dataclasses.replace(cfg, train=train, tune=dataclasses.replace(
-        cfg.tune, num_samples=trials)), ray.cluster_resources())
+        cfg.tune, num_samples=trials)), cluster_max_resources()[0])
 
 
 def run_study(cfg: ExperimentConfig, log=print) -> dict:
@@ -122,7 +121,7 @@ def run_study(cfg: ExperimentConfig, log=print) -> dict:
     check_storage(cfg.train.storage_path, cfg.train.num_workers)
     work = study_cells.work_dir(cfg)
     runs, records = run_storage.join(work, "runs"), run_storage.join(work, RECORDS)
-    artifacts = Path("artifacts").resolve() / "studies" / cfg.name
+    artifacts = study_cells.artifacts_root(cfg)
     h = study_cells.study_hash(cfg)
     data = str(prepared.path)
     pre = study_cells.pretrain_plans(cfg, prepared, artifacts, runs)

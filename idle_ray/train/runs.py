@@ -38,6 +38,7 @@ def pretrain(cfg: ExperimentConfig, prepared: PreparedDataset, log=print) -> tup
 
 
 def _pretrain_locked(cfg: ExperimentConfig, prepared: PreparedDataset, out, log) -> tuple[str, dict]:
+    from idle_ray.locations import basename
     from idle_ray.models.artifact import read_id_metadata, save_id_artifact
     from idle_ray.train import builders
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
@@ -45,7 +46,7 @@ def _pretrain_locked(cfg: ExperimentConfig, prepared: PreparedDataset, out, log)
 
     ensure_ray()
     t0 = time.time()
-    result = run_training(cfg, prepared, task="pretrain", run_name=str(out).rstrip("/").rsplit("/", 1)[-1])
+    result = run_training(cfg, prepared, task="pretrain", run_name=basename(out))
     if result.error:
         raise result.error
     task, kwargs = builders.build_pretrain_task(cfg, prepared)
