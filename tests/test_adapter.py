@@ -230,7 +230,7 @@ def test_variant_forward_backward(backbones, name, variant):
     assert out["scores"].shape == (4, NUM_ITEMS + 1) and torch.isinf(out["scores"][:, 0]).all()
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["scores"][:, 1:]).all()
     if variant in ("idle", "idle_no_refine"):
-        assert float(out["mmd"]) > 0
+        assert out["mmd"].item() > 0
         assert float(out["loss"]) == pytest.approx(float(out["ce"] + model.mmd_weight * out["mmd"]), rel=1e-6)
     else:
         assert float(out["mmd"]) == 0 and torch.equal(out["loss"], out["ce"])
@@ -586,6 +586,26 @@ def test_scoring_in_length_sorted_chunks_equals_one_pass_in_row_order(backbones,
     if variant == "idle":
         model.set_anchor(IDModelTask(make_sasrec(seed=5)), 0.5)
         torch.testing.assert_close(model.full_sort_predict(batch), model._predict(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encoder"])
+@pytest.mark.parametrize("kv_split", [True, False])
+def test_scoring_skips_mmd_and_leaves_the_global_rng_alone(backbones, monkeypatch, name, kv_split):
+    """Scoring (no target) computes no MMD and draws no random text sample, so a validation before
+    or between training steps does not change what training does next; training still does both."""
+    import idle_ray.adapter.model as model_module
+
+    calls = []
+    real = model_module.mmd2_layers
+    monkeypatch.setattr(model_module, "mmd2_layers", lambda x, y, **kw: calls.append(1) or real(x, y, **kw))
+    bb = backbones[name]
+    model = make_model(bb, "idle", mmd_max_text_states=7, kv_split=kv_split).eval()  # 7 < text tokens: a draw
+    batch = make_batch(bb, "idle", pad_to_max_tokens=False)
+    before = torch.get_rng_state()
+    model.full_sort_predict(batch)
+    assert calls == [] and torch.equal(torch.get_rng_state(), before)
+    out = model(batch)  # with a target: the training loss, MMD included, and its random subsample
+    assert calls == [1] and out["mmd"].item() > 0 and not torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("name", TINY)

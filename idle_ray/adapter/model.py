@@ -317,7 +317,9 @@ class IDLEModel(nn.Module):
         if self.prompt_length > 0 or self.fusion == "residual":
             with torch.no_grad():
                 user_state = self.id_model.user_state(batch["history"])  # (B, d), frozen
-        readout, mmd = self._encode(batch, user_state)  # (B, D), scalar
+        # scoring only (no target): no MMD, so evaluation neither pays for it nor draws from the
+        # global RNG (its text subsample), and training after a validation is the same as without
+        readout, mmd = self._encode(batch, user_state, with_mmd="target" in batch)  # (B, D), scalar
         scores = self._scores(readout, user_state if self.fusion == "residual" else None)  # (B, N + 1)
         if "target" not in batch:
             return {"scores": scores}
@@ -433,7 +435,7 @@ class IDLEModel(nn.Module):
             b_idx, t_idx = b_idx[keep], t_idx[keep]
         return b_idx, t_idx
 
-    def _id_token_values(self, user_state: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    def _id_token_values(self, user_state: Tensor, with_mmd: bool = True) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """``(inject, mmd_tokens)``: per layer, the (B·k, D) values written at the ID positions,
         and the ID-token sets that enter the MMD."""
         align = self.adapter.alignment
@@ -444,7 +446,8 @@ class IDLEModel(nn.Module):
         inject = {layer: p.reshape(batch_size * k, hidden) for layer, p in per_layer.items()}
         if 0 not in inject:
             inject[0] = h.reshape(batch_size * k, hidden)  # layer 0 always sees ID tokens
-        mmd_tokens = {layer: inject[layer] for layer in self.mmd_layers} if self.mmd_weight > 0 else {}
+        wanted = with_mmd and self.mmd_weight > 0
+        mmd_tokens = {layer: inject[layer] for layer in self.mmd_layers} if wanted else {}
         return inject, mmd_tokens
 
     def _llara_values(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -455,8 +458,11 @@ class IDLEModel(nn.Module):
         values = self.adapter.item_proj(emb.to(self.adapter.head.proj.weight.dtype))  # (M, D)
         return b_idx, item_pos[b_idx, h_idx], values
 
-    def _encode(self, batch: dict[str, Tensor], user_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Run the LLM with the adapter attached -> ``(readout (B, D), mmd scalar)``."""
+    def _encode(
+        self, batch: dict[str, Tensor], user_state: Tensor | None, with_mmd: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Run the LLM with the adapter attached -> ``(readout (B, D), mmd scalar)``; the MMD is
+        0 (not computed, no random text sample drawn) when ``with_mmd`` is false."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         layers = self.backbone.layers
         zero = torch.zeros((), device=ids.device)
@@ -470,7 +476,7 @@ class IDLEModel(nn.Module):
                 out = self.llm(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
             return self._readout(out.last_hidden_state, mask), zero
 
-        inject, mmd_tokens = self._id_token_values(user_state)
+        inject, mmd_tokens = self._id_token_values(user_state, with_mmd)
         k = self.prompt_length
         id_start = batch["id_start"]
         if self.kind == "decoder" and self.kv_split:
@@ -485,7 +491,7 @@ class IDLEModel(nn.Module):
             # decoders: the MMD text states are prefix states (as in the split path)
             cols = torch.arange(ids.shape[1], device=ids.device)
             text_mask = text_mask * (cols.unsqueeze(0) < id_start.unsqueeze(1))
-        b_txt, t_txt = self._sample_text_positions(text_mask)
+        b_txt, t_txt = self._sample_text_positions(text_mask) if mmd_tokens else (None, None)
         b_ids, t_ids = block_positions(id_start, k)
         with capture_layer_inputs(layers, list(mmd_tokens), b_txt, t_txt) as text_states:
             with inject_layer_inputs(layers, inject, b_ids, t_ids):
@@ -499,8 +505,8 @@ class IDLEModel(nn.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         layers = self.backbone.layers
         positions = self._position_ids(mask)  # (B, T)
-        b_txt, t_txt = self._sample_text_positions(batch["text_mask"][:, :prefix])
         mmd_layers = list(self.mmd_layers) if want_text else []
+        b_txt, t_txt = self._sample_text_positions(batch["text_mask"][:, :prefix]) if want_text else (None, None)
         with torch.no_grad(), capture_layer_inputs(layers, mmd_layers, b_txt, t_txt) as text_states:
             out = self.llm(
                 input_ids=ids[:, :prefix],
