@@ -10,7 +10,7 @@ import pytest
 from idle_ray.eval.metrics import per_user_metrics
 from idle_ray.results.stats import mean_se
 from idle_ray.results.tables import protocols_table
-from tiny_jobs import run_job, write_tiny_config, write_tiny_data
+from tiny_jobs import ROOT, run_job, write_tiny_config, write_tiny_data
 
 
 def test_mean_se_and_protocols_table_match_a_hand_computed_case():
@@ -53,3 +53,29 @@ def test_pretrain_job_reports_both_ranking_rules_and_its_epochs(tmp_path):
     epoch_lines = [line for line in r.stdout.splitlines() if "[eval] epoch " in line]
     assert len(epoch_lines) == 2 and all("(unmasked) hr@10" in line and line.rstrip().endswith(" s")
                                          for line in epoch_lines), epoch_lines
+
+
+def test_benchmark_caser_config_builds_recboles_caser_and_old_hashes_stay():
+    import hashlib
+
+    from idle_ray.config import config_hash, load_config, to_dict
+    from idle_ray.models.registry import build_id_model
+    from idle_ray.train.builders import id_model_kwargs
+
+    cfg = load_config(ROOT / "configs" / "pretrain_caser_ml1m_recbole_bench.yaml")
+    kwargs = id_model_kwargs(cfg)
+    assert kwargs == {"hidden_size": 64, "dropout": 0.4, "max_len": 50, "num_vertical": 4, "num_horizontal": 8}
+    model = build_id_model("caser", 30, **kwargs)
+    assert model.conv_v.kernel_size == (50, 1) and model.conv_v.out_channels == 4
+    assert len(model.conv_h) == 50 and model.conv_h[-1].kernel_size == (50, 64) and model.conv_h[0].out_channels == 8
+    # the Caser fields at their defaults leave a config's hash (its run and artifact names) as it was before them
+    for name in ("pretrain_gru4rec_ml1m_recbole_bench", "pretrain_caser_ml100k", "main_ml100k"):
+        c = load_config(ROOT / "configs" / f"{name}.yaml")
+        d = {k: v for k, v in to_dict(c).items() if k not in ("serve", "study")}
+        d["adapter"].pop("anchor_weight")
+        for k in ("artifacts_dir", "caser_window", "caser_vertical", "caser_horizontal"):
+            d["id_model"].pop(k)
+        before = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        assert config_hash(c) == before, name
+    assert config_hash(cfg) != config_hash(load_config(ROOT / "configs" / "pretrain_caser_ml1m_recbole_bench.yaml",
+                                                       ["id_model.caser_window=5"]))
