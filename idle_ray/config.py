@@ -78,6 +78,10 @@ class IDModelConfig:
     num_layers: int = _f(2, "Transformer or GRU layers.", min=1)
     num_heads: int = _f(2, "Attention heads (SASRec).", min=1)
     dropout: float = _f(0.5, "Dropout probability.", min=0.0, max=0.95)
+    caser_window: int = _f(5, "Caser's window L, the most recent items it reads (the paper's 5; RecBole's benchmark "
+                           "reads MAX_ITEM_LIST_LENGTH, 50).", min=1)
+    caser_vertical: int = _f(8, "Caser's vertical filters (RecBole's nv; RecBole 1.2.1's Caser.yaml: 4).", min=1)
+    caser_horizontal: int = _f(16, "Caser's horizontal filters per height (RecBole's nh; its Caser.yaml: 8).", min=1)
     artifact: str = _f("", "Path or URI of a pre-trained ID model artifact folder (empty: the pretrain job's "
                        "output, under artifacts_dir).")
     artifacts_dir: str = _f("artifacts", "Where pre-training exports ID models when `artifact` is empty (one "
@@ -470,6 +474,19 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# id_model fields added after runs and artifacts existed: hashed only when set away from their
+# defaults, so the hashes (run and artifact names) of existing configs stay.
+_LATER_ID_MODEL_FIELDS = ("caser_window", "caser_vertical", "caser_horizontal")
+
+
+def id_model_settings(id_model: dict) -> dict:
+    """What the ``id_model`` section (a dict) trains: ``artifacts_dir`` (where) dropped, and the later
+    Caser fields dropped at their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(IDModelConfig)}
+    return {k: v for k, v in id_model.items()
+            if k != "artifacts_dir" and not (k in _LATER_ID_MODEL_FIELDS and v == defaults[k])}
+
+
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
     section (how a trained model is served), the ``study`` section (which cells a study runs; a
@@ -480,7 +497,7 @@ def config_hash(cfg) -> str:
     if isinstance(cfg, ExperimentConfig):
         d = {k: v for k, v in d.items() if k not in ("serve", "study")}
         d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "anchor_weight"}
-        d["id_model"] = {k: v for k, v in d["id_model"].items() if k != "artifacts_dir"}
+        d["id_model"] = id_model_settings(d["id_model"])
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

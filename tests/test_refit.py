@@ -33,3 +33,19 @@ def test_init_artifact_starts_from_its_weights_and_trains(tiny_prepared, tmp_pat
     wider = dataclasses.replace(refit_cfg, id_model=dataclasses.replace(cfg.id_model, hidden_size=32))
     with pytest.raises(ArtifactError, match="pretrain.init_artifact"):
         build_pretrain_task(wider, tiny_prepared)
+
+
+def test_a_caser_artifact_saved_without_its_window_kwargs_is_the_same_model(tiny_prepared, tmp_path):
+    """Caser artifacts exported before the window and filter counts were passed explicitly (kwargs without
+    max_len, num_vertical, num_horizontal) are accepted as the default Caser, and refused for another window."""
+    cfg = load_config(None, ["id_model.name=caser", "id_model.hidden_size=16", "data.max_history=6"])
+    start, kwargs = build_pretrain_task(cfg, tiny_prepared)
+    old_kwargs = {k: v for k, v in kwargs.items() if k not in ("max_len", "num_vertical", "num_horizontal")}
+    save_id_artifact(start.model, tmp_path / "art", name="caser", kwargs=old_kwargs,
+                     vocab_fingerprint=tiny_prepared.manifest["vocab_fingerprint"])
+    refit_cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, init_artifact=str(tmp_path / "art")))
+    refit, _ = build_pretrain_task(refit_cfg, tiny_prepared)
+    assert torch.equal(refit.model.conv_v.weight, start.model.conv_v.weight)
+    longer = dataclasses.replace(refit_cfg, id_model=dataclasses.replace(cfg.id_model, caser_window=6))
+    with pytest.raises(ArtifactError, match="pretrain.init_artifact"):
+        build_pretrain_task(longer, tiny_prepared)

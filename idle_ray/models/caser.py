@@ -1,9 +1,9 @@
 """Caser: convolutional sequence embedding (Tang & Wang, WSDM 2018).
 
 Follows RecBole 1.2.1 (``recbole/model/sequential_recommender/caser.py``, ``Caser.yaml``) with
-the paper's window L = ``max_len`` = 5: the last L items form an ``L x d`` "image"; ``num_vertical``
-(8) vertical filters of shape ``L x 1`` and, for every height h in 1..L, ``num_horizontal`` (16)
-horizontal filters of shape ``h x d`` (ReLU, max-pooled over time) -> concat -> dropout (0.4)
+the paper's window L = ``max_len`` = 5 by default (RecBole's benchmark: 50): the last L items form an
+``L x d`` "image"; ``num_vertical`` (8; RecBole's Caser.yaml: 4) vertical filters of shape ``L x 1`` and,
+for every height h in 1..L, ``num_horizontal`` (16; RecBole: 8) horizontal filters of shape ``h x d`` (ReLU, max-pooled over time) -> concat -> dropout (0.4)
 -> ReLU(fc1) -> ReLU(fc2) = user state (d = ``hidden_size``, 64). Init as RecBole: embedding
 N(0, 1/d), Linear xavier-normal with zero bias, Conv2d PyTorch default. ``calculate_loss`` adds
 RecBole's L2 term ``reg_weight * sum ||W||_2`` over the item table, the vertical filters, fc1

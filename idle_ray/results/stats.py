@@ -1,4 +1,5 @@
-"""Statistics over results: mean ± std over seeds and a paired per-user bootstrap interval."""
+"""Statistics over results: mean ± std over seeds, mean ± standard error over users, and a paired per-user
+bootstrap interval."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +14,15 @@ def mean_std(values) -> tuple[float, float | None]:
     if v.size == 0:
         raise ValueError("mean_std of no values")
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+def mean_se(values) -> tuple[float, float | None]:
+    """Mean and its standard error, sample std (ddof 1) / sqrt(n), of per-user values (n,); the
+    error is None for one value."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("mean_se of no values")
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None)
 
 
 def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:

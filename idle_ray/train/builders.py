@@ -54,7 +54,9 @@ def id_model_kwargs(cfg: ExperimentConfig) -> dict:
     m = cfg.id_model
     wanted = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
               "dropout": m.dropout}
-    if m.name != "caser":  # Caser's window is its own (L=5), not the history length
+    if m.name == "caser":  # Caser's window is its own (the paper's L=5), not the history length
+        wanted.update(max_len=m.caser_window, num_vertical=m.caser_vertical, num_horizontal=m.caser_horizontal)
+    else:
         wanted["max_len"] = cfg.data.max_history
     if m.name == "sasrec":
         wanted["attn_dropout"] = m.dropout
@@ -71,7 +73,11 @@ def build_pretrain_task(cfg: ExperimentConfig, prepared: PreparedDataset) -> tup
     if cfg.pretrain.init_artifact:
         from idle_ray.models.artifact import ArtifactError, load_id_artifact
         start, meta = load_id_artifact(cfg.pretrain.init_artifact, prepared.manifest["vocab_fingerprint"])
-        if meta["name"] != cfg.id_model.name or meta["kwargs"] != kwargs:
+        # compared with the constructor's defaults filled in: an artifact saved before a kwarg was passed
+        # explicitly (Caser's window and filters) is the same model
+        defaults = {k: v.default for k, v in inspect.signature(ID_MODELS[cfg.id_model.name].__init__).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        if meta["name"] != cfg.id_model.name or {**defaults, **meta["kwargs"]} != {**defaults, **kwargs}:
             raise ArtifactError(f"{cfg.pretrain.init_artifact}: a {meta['name']} with {meta['kwargs']}, not the "
                                 f"configured {cfg.id_model.name} with {kwargs}. Fix: point pretrain.init_artifact "
                                 "at an artifact of this id_model")
@@ -184,8 +190,8 @@ def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path | 
     m = cfg.id_model
     if m.artifact:
         return m.artifact if is_uri(m.artifact) else Path(m.artifact).expanduser().resolve()
-    from idle_ray.config import config_hash
-    settings = {k: v for k, v in vars(m).items() if k != "artifacts_dir"}  # where, not what
+    from idle_ray.config import config_hash, id_model_settings
+    settings = id_model_settings(vars(m))  # what is trained, not where
     key = config_hash({"id_model": {**settings, "artifact": ""}, "pretrain": vars(cfg.pretrain),
                        "max_history": cfg.data.max_history, "seed": cfg.seed})
     name = f"{prepared.manifest['dataset']}-{m.name}-s{cfg.seed}-{key}"

@@ -60,6 +60,11 @@ def selection_score(cfg: ExperimentConfig, val: dict) -> float:
     return val.get(key, 0.0)
 
 
+def selection_hr10(cfg: ExperimentConfig, val: dict) -> float:
+    """Validation HR@10 under ``eval.select_protocol``, printed next to the NDCG@10 selection uses."""
+    return val.get("hr@10" if cfg.eval.select_protocol == "full" else f"{cfg.eval.select_protocol}_hr@10", 0.0)
+
+
 def selection_label(cfg: ExperimentConfig) -> str:
     return "" if cfg.eval.select_protocol == "full" else f" ({cfg.eval.select_protocol})"
 
@@ -78,7 +83,7 @@ def validate_before_training(engine, model, ctx, cfg: ExperimentConfig, device, 
         from safetensors.torch import save_file
         save_file(initial, best_keep, metadata=weights_meta)
         print(f"[eval] epoch 0 (before training) val ndcg@10 {state['best']:.4f}{selection_label(cfg)} hr@10 "
-              f"{val.get('hr@10', 0):.4f}", flush=True)
+              f"{selection_hr10(cfg, val):.4f}", flush=True)
 
 
 def log_train(ctx, tb, state: dict, total_steps: int, batch_size: int, parts: dict, samples: int,
@@ -166,6 +171,7 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
         model.train()
         acc = {}
         t_log, n_log = time.perf_counter(), 0
+        t_epoch = t_log
         # A step checkpoint resumes mid-epoch: the epoch's stream is the same (seeded), its first
         # `epoch_step` batches were trained on already and are passed over.
         skip = state.get("epoch_step", 0)
@@ -209,10 +215,15 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
             state.update(best=score, best_epoch=state["epoch"], best_step=state["step"], bad_epochs=0)
         else:
             state["bad_epochs"] += 1
+        epoch_seconds = time.perf_counter() - t_epoch
         metrics = {"epoch": state["epoch"], "step": state["step"], **{f"val_{k}": v for k, v in val.items()},
-                   "best_val_ndcg@10": state["best"], "best_step": state["best_step"],
+                   "best_val_ndcg@10": state["best"], "best_epoch": state["best_epoch"], "best_step": state["best_step"],
+                   # wall of this epoch, its validation included (a resumed epoch: from the resume), and of
+                   # every epoch so far, across resumes (the state travels in the checkpoint)
+                   "epoch_seconds": epoch_seconds, "wall_seconds": state.get("wall_seconds", 0.0) + epoch_seconds,
                    "torch_threads": torch.get_num_threads(), "samples_per_s": samples_seen * ctx.world /
                    max(time.perf_counter() - t_start, 1e-9)}
+        state["wall_seconds"] = metrics["wall_seconds"]
         state["history"].append({k: v for k, v in metrics.items()})
         if tb:
             for k, v in val.items():
@@ -220,8 +231,9 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
             tb.flush()
             tb_dir.sync()
         if ctx.rank == 0:
-            print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f}{selection_label(cfg)} hr@10 {val.get('hr@10', 0):.4f} "
-                  f"(best {state['best']:.4f} @ {state['best_epoch']})", flush=True)
+            print(f"[eval] epoch {state['epoch']} val ndcg@10 {score:.4f}{selection_label(cfg)} hr@10 "
+                  f"{selection_hr10(cfg, val):.4f} (best {state['best']:.4f} @ {state['best_epoch']}) "
+                  f"{metrics['epoch_seconds']:.0f} s", flush=True)
         # Checkpoint: every epoch (resume) and the best weights (selection on validation).
         ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta)
         if ctx.rank == 0:

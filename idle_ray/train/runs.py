@@ -55,13 +55,17 @@ def _pretrain_locked(cfg: ExperimentConfig, prepared: PreparedDataset, out, log)
     save_id_artifact(task.model, out, name=cfg.id_model.name, kwargs=kwargs,
                      vocab_fingerprint=prepared.manifest["vocab_fingerprint"], data_fingerprint=prepared.fingerprint,
                      extra={"seed": cfg.seed, "config_hash": config_hash(cfg), "train_seconds": time.time() - t0,
-                            "best_val_ndcg@10": metrics.get("best_val_ndcg@10"), "epochs": metrics.get("epoch")})
+                            "best_val_ndcg@10": metrics.get("best_val_ndcg@10"), "epochs": metrics.get("epoch"),
+                            "best_epoch": metrics.get("best_epoch"), "wall_seconds": metrics.get("wall_seconds")})
     log(f"[pretrain] exported {out}")
     return str(out), read_id_metadata(out)
 
 
 def pretrain_and_test(cfg: ExperimentConfig) -> tuple[PreparedDataset, dict]:
-    """Prepare the data, :func:`pretrain` the ID model and test it once; (prepared, record)."""
+    """Prepare the data, :func:`pretrain` the ID model and test it once; (prepared, record).
+
+    The record carries the pre-training's ``epochs``, ``best_epoch`` (the early-stopping choice) and
+    ``wall_seconds`` (its epochs, validation included, summed across resumes) from the artifact."""
     from idle_ray.train import builders
     from idle_ray.train.evaluate import evaluate
     from idle_ray.train.launch import ensure_ray
@@ -72,7 +76,8 @@ def pretrain_and_test(cfg: ExperimentConfig) -> tuple[PreparedDataset, dict]:
     test = evaluate(cfg, prepared, "test", kind="id_model", id_artifact=artifact)
     return prepared, {"model": cfg.id_model.name, "seed": cfg.seed, "config_hash": config_hash(cfg),
                       "data_fingerprint": prepared.fingerprint, "artifact": artifact,
-                      "best_val_ndcg@10": meta.get("best_val_ndcg@10"), "test": test}
+                      "best_val_ndcg@10": meta.get("best_val_ndcg@10"), "epochs": meta.get("epochs"),
+                      "best_epoch": meta.get("best_epoch"), "wall_seconds": meta.get("wall_seconds"), "test": test}
 
 
 def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: str, log=print,
