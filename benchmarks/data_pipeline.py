@@ -6,10 +6,9 @@ Prints rows/s (training samples) of both, median over repeats, and their ratio, 
 over the shards (Ray's fixed start-up cost of a few seconds included) and for a long stream of
 ``--passes`` passes in one pipeline execution (steady state: start-up amortised).
 
-Ray runs its worker processes at niceness 15 (``RAY_worker_niceness``); a training worker, the feed's
-consumer, is one of them. The driver is therefore reniced to the same value first (``--niceness``,
--1 keeps the shell's): on a shared, loaded machine a niceness-0 reader against niceness-15 Ray tasks
-measures the scheduler, not the feed. ``--stats`` prints ``Dataset.stats()`` of the last Ray pass
+Ray runs its worker processes at niceness 15 (``RAY_worker_niceness``), the training worker that
+consumes the feed among them; ``--niceness 15`` renices the driver (both readers) to the same
+priority (default -1: leave it). ``--stats`` prints ``Dataset.stats()`` of the last Ray run
 (where the time goes).
 """
 from __future__ import annotations
@@ -49,8 +48,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--passes", type=int, default=10, help="passes over the shards for the steady-state rows")
-    p.add_argument("--niceness", type=int, default=int(os.environ.get("RAY_worker_niceness", 15)),
-                   help="renice this process to the Ray workers' niceness (-1: leave it)")
+    p.add_argument("--niceness", type=int, default=-1,
+                   help="renice this process to this niceness first (Ray workers run at 15; -1: leave it)")
     p.add_argument("--stats", action="store_true", help="print Dataset.stats() of the last Ray run")
     args, cfg = cli.parse(p, argv)
     d = cfg.data
