@@ -20,7 +20,7 @@ from idle_ray.study.outputs import results_from_file, study_results, write_outpu
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/study_smoke.yaml"
 LAPTOP = ROOT / "configs/study_laptop.yaml"
-TWO_ID_MODELS = ["study.id_models=[sasrec, gru4rec]"]  # the fuller (slow) smoke grid
+FULL_SMOKE = ["study.id_models=[sasrec, gru4rec]", "study.seeds=[0, 1]"]  # the fuller (slow) smoke grid
 ROW_LABELS = ["SASRec (ID-only)", "LLM-only", "LLaRA-style", "IDLE-Adapter (SASRec)", "IDLE w/o fusion",
               "IDLE w/o refinement", "IDLE w/o MMD"]
 TWO_MODEL_LABELS = ["SASRec (ID-only)", "GRU4Rec (ID-only)", "LLM-only", "LLaRA-style", "IDLE-Adapter (SASRec)",
@@ -83,8 +83,8 @@ def test_cells_and_plans_of_the_presets(tiny_prepared, tmp_path):
     assert [c.key for c in all_cells(smoke)] == [
         "id_only-sasrec", "llm_only-sasrec", "llara-sasrec", "idle-sasrec-k2", "idle_no_fusion-sasrec-k2",
         "idle_no_refine-sasrec-k2", "idle_no_mmd-sasrec-k2", "idle-sasrec-k1"]
-    assert figure4_cell(smoke).key == "idle-sasrec-k2" and smoke.study.seeds == [0, 1]
-    cfg = load_config(SMOKE, TWO_ID_MODELS)
+    assert figure4_cell(smoke).key == "idle-sasrec-k2" and smoke.study.seeds == [0]
+    cfg = load_config(SMOKE, FULL_SMOKE)
     assert [c.key for c in table_cells(cfg)] == [
         "id_only-sasrec", "id_only-gru4rec", "llm_only-sasrec", "llara-sasrec", "idle-sasrec-k2", "idle-gru4rec-k2",
         "idle_no_fusion-sasrec-k2", "idle_no_refine-sasrec-k2", "idle_no_mmd-sasrec-k2"]
@@ -335,13 +335,13 @@ def check_records(results: dict, trials: int) -> None:
 
 @pytest.mark.timeout(1200)
 def test_smoke_study_interrupted_then_continued_without_retraining(tmp_path):
-    """The smoke preset end to end (8 cells x 2 seeds = 16 Tune trials, each a Ray Train run; Parquet data),
-    interrupted and continued; every Table 1 row, Figure 3 series and Figure 4 map exists and is finite;
-    the outputs again from results.json alone."""
-    out, stdout = interrupted_then_continued(tmp_path, [], trials=16)
+    """The smoke preset end to end (8 cells x 1 seed = 8 Tune trials after a 1-trial pre-training grid, each
+    a Ray Train run; Parquet data), interrupted and continued; every Table 1 row, Figure 3 series and
+    Figure 4 map exists and is finite; the outputs again from results.json alone."""
+    out, stdout = interrupted_then_continued(tmp_path, [], trials=8)
     assert "[study] Figure 4 from idle-sasrec-k2 seed 0" in stdout
-    results = check_complete(out, ROW_LABELS, [1, 2], [0, 1], items=30)
-    check_records(results, 16)
+    results = check_complete(out, ROW_LABELS, [1, 2], [0], items=30)
+    check_records(results, 8)
     assert {c["row"] for c in results["table1"]["comparison"]} == {"idle-sasrec-k2"}
     assert set(results["fig4"]["genres"]) == {"Action", "Comedy", "Drama"}  # configs/data/tiny/items.csv
 
@@ -352,14 +352,14 @@ def test_smoke_study_interrupted_then_continued_without_retraining(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "table1.md").read_text() == (out / "table1.md").read_text()
     assert "[study] cell" not in again.stdout and "restoring" not in again.stdout
-    check_complete(tmp_path / "again", ROW_LABELS, [1, 2], [0, 1], items=30)
+    check_complete(tmp_path / "again", ROW_LABELS, [1, 2], [0], items=30)
     assert json.loads((tmp_path / "again" / "results.json").read_text())["fig4"] == results["fig4"]
 
 
-@pytest.mark.slow  # the two-ID-model grid (10 cells x 2 seeds): 11 min 22 s on the quiet 2-core machine
+@pytest.mark.slow  # the two-ID-model, two-seed grid (10 cells x 2 seeds): 11 min 22 s on the quiet 2-core machine
 @pytest.mark.timeout(3600)
 def test_two_id_model_smoke_study_interrupted_then_continued_without_retraining(tmp_path):
-    out, _ = interrupted_then_continued(tmp_path, TWO_ID_MODELS, trials=20)
+    out, _ = interrupted_then_continued(tmp_path, FULL_SMOKE, trials=20)
     results = check_complete(out, TWO_MODEL_LABELS, [1, 2], [0, 1], items=30)
     check_records(results, 20)
     assert {c["row"] for c in results["table1"]["comparison"]} == {"idle-sasrec-k2", "idle-gru4rec-k2"}

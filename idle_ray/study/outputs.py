@@ -1,8 +1,9 @@
 """The study's outputs from its records alone: Table 1 (mean ± std over seeds, best per column in bold,
 IDLE minus the best baseline with a paired per-user bootstrap), Figure 3 (HR@5 and NDCG@5 against the
-prompt length, error bars over seeds) and ``results.json`` holding every record (per-user ranks,
-seed, config hash, data fingerprint), so the tables and figures can be recomputed without training
-(:func:`results_from_file`)."""
+prompt length, error bars over seeds), Figure 4 (the representation map, drawn from its saved 2-D series,
+:mod:`idle_ray.study.representations`) and ``results.json`` holding every record (per-user ranks, seed,
+config hash, data fingerprint) and Figure 4's series, so the tables and figures can be recomputed without
+training (:func:`results_from_file`)."""
 from __future__ import annotations
 
 import json
