@@ -93,9 +93,10 @@ def figure4(cfg: ExperimentConfig, data: dict, series: dict | None) -> dict | No
     if not series:
         return None
     m = series["mmd"]
-    return {**series, "title": f"Figure 4: item representations, {data['dataset']} ({series['items']:,} items), backbone "
-                               f"{cfg.llm.backbone}, {series['cell']} seed {series['seed']}; MMD² adapter tokens vs title "
-                               f"tokens (layer {m['layer']}): {m['before']:.4f} before, {m['after']:.4f} after training"}
+    title = (f"Figure 4: item representations, {data['dataset']} ({series['items']:,} items), backbone "
+             f"{cfg.llm.backbone}, {series['cell']} seed {series['seed']}; MMD² adapter tokens vs title tokens "
+             f"(layer {m['layer']}): {m['before']:.4f} before, {m['after']:.4f} after training")
+    return {**series, "title": title}
 
 
 def study_results(cfg: ExperimentConfig, data: dict, records: list[dict], wall_seconds: float | None = None,
@@ -143,7 +144,8 @@ def draw_figure4(fig: dict, path: str) -> None:
         rows[MAP_TITLES.get(method, method)] = {
             "ID model: item table": {"items": {"points": maps["id_model"], "categories": genres}},
             "LLM: title embeddings (layer 0)": {"items": {"points": maps["llm"], "categories": genres}},
-            f"adapter: ID tokens (mean of k={k}), trained": {"items": {"points": maps["adapter"], "categories": genres}},
+            f"adapter: ID tokens (mean of k={k}), trained": {"items": {"points": maps["adapter"],
+                                                                        "categories": genres}},
             "LLM vs adapter, one projection": {
                 "LLM titles": {"points": joint["llm"], "marker": "o"},
                 "adapter, before training": {"points": joint["adapter_before"], "marker": "x"},

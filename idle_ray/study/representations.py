@@ -129,9 +129,9 @@ def representation_map(model, trained_state: dict, titles: list[str], genres: li
         maps[method]["joint"] = {"llm": _points(joint[:n]), "adapter_before": _points(joint[n:2 * n]),
                                  "adapter_after": _points(joint[2 * n:])}
     tokens_before, tokens_after = before.reshape(-1, width), after.reshape(-1, width)
-    return {"items": n, "genres": list(genres[1:]), "prompt_length": k, "maps": maps,
-            "mmd": {"layer": 0, "before": mmd(tokens_before, llm_tokens, seed), "after": mmd(tokens_after, llm_tokens, seed),
-                    "adapter_tokens": int(len(tokens_after)), "text_states": int(len(llm_tokens))}}
+    distance = {"layer": 0, "before": mmd(tokens_before, llm_tokens, seed), "after": mmd(tokens_after, llm_tokens, seed),
+                "adapter_tokens": int(len(tokens_after)), "text_states": int(len(llm_tokens))}
+    return {"items": n, "genres": list(genres[1:]), "prompt_length": k, "maps": maps, "mmd": distance}
 
 
 def cell_representation_map(cfg, prepared, artifact: str, weights: str) -> dict:
