@@ -49,7 +49,8 @@ class DataConfig:
                       choices=("ml-100k", "ml-1m", "atomic", "csv", "parquet"))
     path: str = _f("", "Your interactions file (csv/parquet/.inter) with user_id, item_id, timestamp; "
                    "for 'atomic' the .inter file (a sibling .item file supplies titles). Unused for ml-*.")
-    items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title. Unused for ml-*.")
+    items_path: str = _f("", "Optional item table (csv/parquet) with item_id, title[, genre] (genre: plots only). "
+                             "Unused for ml-*.")
     output_dir: str = _f("data_cache", "Where prepared datasets are written (one sub-folder per fingerprint): a "
                          "folder, or s3:// / gs:// on a multi-node cluster (Ray Data tasks and workers read it "
                          "from every node).")

@@ -95,3 +95,56 @@ def errorbar_panels(panels: dict[str, dict[str, list[tuple]]], path, xlabel: str
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path, dpi=120)
+
+
+def category_maps(rows: dict[str, dict[str, dict[str, dict]]], path, title: str = "", category_name: str = "genre",
+                  max_categories: int = 8) -> None:
+    """A grid of 2-D maps: one row of panels per key of ``rows`` (its y label, e.g. "PCA"), one panel
+    per key of a row (its title). A panel is ``{series label: {"points": [[x, y], ...], "categories":
+    [one per point] or None, "marker": str}}``: a series with categories is coloured by category (the
+    ``max_categories`` most frequent named in the figure's legend, the rest "other"); one without is
+    drawn in its own colour, named in the panel's legend. Axes are the projection's, without units."""
+    from collections import Counter
+
+    import numpy as np
+    _, plt = _pyplot()
+    cats = Counter(c for row in rows.values() for panel in row.values() for s in panel.values()
+                   for c in (s.get("categories") or []))
+    named = [c for c, _ in cats.most_common(max_categories)]
+    palette = plt.get_cmap("tab10")
+    colour = {c: palette(i % 10) for i, c in enumerate(named)}
+    other = (0.75, 0.75, 0.75, 1.0)
+    ncols = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.3 * len(rows)), squeeze=False)
+    own = iter(["tab:blue", "tab:grey", "tab:orange", "tab:green", "tab:purple"])
+    series_colour: dict[str, str] = {}
+    for r, (ylabel, row) in enumerate(rows.items()):
+        for c, (panel_title, panel) in enumerate(row.items()):
+            ax = axes[r][c]
+            for label, s in panel.items():
+                pts = np.asarray(s["points"], dtype=float).reshape(-1, 2)
+                if s.get("categories"):
+                    ax.scatter(pts[:, 0], pts[:, 1], s=10, marker=s.get("marker", "o"), linewidths=0.5,
+                               c=[colour.get(k, other) for k in s["categories"]])
+                else:
+                    col = series_colour.setdefault(label, next(own, "black"))
+                    ax.scatter(pts[:, 0], pts[:, 1], s=10, marker=s.get("marker", "o"), color=col, label=label,
+                               alpha=0.8, linewidths=0.8)
+            if any(not s.get("categories") for s in panel.values()):
+                ax.legend(fontsize=6, loc="best")
+            ax.set_title(panel_title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(ylabel)
+        for c in range(len(row), ncols):
+            axes[r][c].axis("off")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colour[c], label=c) for c in named]
+    if len(cats) > len(named):
+        handles.append(plt.Line2D([], [], ls="", marker="o", color=other, label="other"))
+    if handles:
+        fig.legend(handles=handles, title=category_name, loc="center right", fontsize=7, title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.88 if handles else 1, 1))
+    _save(fig, path, dpi=110)

@@ -4,7 +4,8 @@ A *cell* is one number of a table or one point of a figure before seeds: ``(row,
 length)``. Table 1 has, in order, ID-only per ID model, LLM-only, LLaRA-style, IDLE per ID model and
 the ablations (w/o fusion, w/o refinement, w/o MMD); rows that are not per ID model use the first of
 ``study.id_models``. Figure 3 is IDLE on the first ID model at each ``study.prompt_lengths``; its
-point at ``adapter.prompt_length`` is Table 1's IDLE cell (the same key, trained once). Every cell
+point at ``adapter.prompt_length`` is Table 1's IDLE cell (the same key, trained once), as is Figure 4's
+(the representation map of that cell's first seed). Every cell
 runs once per seed. The ID-only row of a config with ``pretrain.holdout_targets`` > 0 is the ID
 model trained on every target (the strongest ID baseline; ``id_only_all`` of the main job), as is
 the anchor of an anchored IDLE (``adapter.anchor_weight``).
@@ -62,9 +63,16 @@ def figure3_cells(cfg: ExperimentConfig) -> list[Cell]:
     return [_cell("idle", cfg.study.id_models[0], k) for k in cfg.study.prompt_lengths]
 
 
+def figure4_cell(cfg: ExperimentConfig) -> Cell | None:
+    """Figure 4's cell (its first seed is mapped): Table 1's IDLE on the first ID model; None when the
+    study has no IDLE row."""
+    return _cell("idle", cfg.study.id_models[0], cfg.adapter.prompt_length) if "idle" in cfg.study.rows else None
+
+
 def all_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every cell once (a figure point equal to a table cell is the same cell)."""
-    return list(dict.fromkeys(table_cells(cfg) + figure3_cells(cfg)))
+    fig4 = figure4_cell(cfg)
+    return list(dict.fromkeys(table_cells(cfg) + figure3_cells(cfg) + ([fig4] if fig4 else [])))
 
 
 def label(cfg: ExperimentConfig, cell: Cell) -> str:

@@ -106,6 +106,30 @@ def concurrency(cfg: ExperimentConfig, trials: int, pretraining: bool) -> int:
         cfg.tune, num_samples=trials)), cluster_max_resources()[0])
 
 
+def figure4_data(cfg: ExperimentConfig, prepared, plans: dict, records: dict, log=print) -> dict | None:
+    """Figure 4's series (:func:`idle_ray.study.representations.cell_representation_map`) of its cell's
+    first seed, from that cell's ID model and selected adapter weights; None without an IDLE row."""
+    from idle_ray.config import experiment_from_dict
+    from idle_ray.study.representations import cell_representation_map
+    from idle_ray.train import builders
+    from idle_ray.train.weights import run_best_weights
+
+    cell = study_cells.figure4_cell(cfg)
+    if cell is None:
+        return None
+    t0 = time.time()
+    key = plan_key(cell.key, cfg.study.seeds[0])
+    plan, record = plans[key], records[key]
+    c = experiment_from_dict(plan["experiment"])
+    builders.prepare_backbone(c, log=log)
+    weights = run_best_weights(c.train.storage_path, record["run"])
+    fig4 = cell_representation_map(c, prepared, plan["artifact"], weights)
+    fig4.update(cell=cell.key, seed=cfg.study.seeds[0], weights=weights, seconds=round(time.time() - t0, 1))
+    log(f"[study] Figure 4 from {cell.key} seed {cfg.study.seeds[0]}: MMD² adapter tokens vs title tokens "
+        f"{fig4['mmd']['before']:.4f} before, {fig4['mmd']['after']:.4f} after training ({fig4['seconds']} s)")
+    return fig4
+
+
 def run_study(cfg: ExperimentConfig, log=print) -> dict:
     """Prepare the data, run both grids, gather every record, write ``<study.out_dir>/<name>/``;
     returns the results (:func:`idle_ray.study.outputs.study_results`)."""
@@ -140,7 +164,9 @@ def run_study(cfg: ExperimentConfig, log=print) -> dict:
     missing = [k for k, r in found.items() if r is None]
     if missing:
         raise RuntimeError(f"the grid finished but {len(missing)} record(s) are missing in {records}: {missing[:5]}")
-    results = study_results(cfg, data_summary(prepared.manifest), list(found.values()), wall_seconds=time.time() - t0)
+    fig4 = figure4_data(cfg, prepared, plans, found, log)
+    results = study_results(cfg, data_summary(prepared.manifest), list(found.values()), wall_seconds=time.time() - t0,
+                            fig4=fig4)
     out = os.path.join(cfg.study.out_dir, cfg.name)
     write_outputs(results, out, log=log)
     return results

@@ -1,8 +1,9 @@
 """The study's outputs from its records alone: Table 1 (mean ± std over seeds, best per column in bold,
 IDLE minus the best baseline with a paired per-user bootstrap), Figure 3 (HR@5 and NDCG@5 against the
-prompt length, error bars over seeds) and ``results.json`` holding every record (per-user ranks,
-seed, config hash, data fingerprint), so the tables and figures can be recomputed without training
-(:func:`results_from_file`)."""
+prompt length, error bars over seeds), Figure 4 (the representation map, drawn from its saved 2-D series,
+:mod:`idle_ray.study.representations`) and ``results.json`` holding every record (per-user ranks, seed,
+config hash, data fingerprint) and Figure 4's series, so the tables and figures can be recomputed without
+training (:func:`results_from_file`)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import os
 from idle_ray.config import ConfigError, ExperimentConfig, config_hash, experiment_from_dict, to_dict
 from idle_ray.results.comparison import comparison_table, versus_best_baseline
 from idle_ray.results.files import write_json, write_text
-from idle_ray.results.plots import errorbar_panels
+from idle_ray.results.plots import category_maps, errorbar_panels
 from idle_ray.results.stats import mean_std
 from idle_ray.results.tables import metrics_table
 from idle_ray.study.cells import (BASELINES, COLUMNS, FIG3_METRICS, MODEL_NAMES, figure3_cells, label, study_hash,
@@ -86,15 +87,30 @@ def figure3(cfg: ExperimentConfig, data: dict, records: list[dict]) -> dict | No
                      f"over seeds {', '.join(map(str, cfg.study.seeds))}"}
 
 
-def study_results(cfg: ExperimentConfig, data: dict, records: list[dict], wall_seconds: float | None = None) -> dict:
-    """Everything the outputs hold, computed from ``records`` (one per cell and seed) alone."""
+def figure4(cfg: ExperimentConfig, data: dict, series: dict | None) -> dict | None:
+    """Figure 4's series (:func:`idle_ray.study.representations.representation_map`, computed from the
+    models once, after training) with its title; None when the study has none."""
+    if not series:
+        return None
+    m = series["mmd"]
+    title = (f"Figure 4: item representations, {data['dataset']} ({series['items']:,} items), backbone "
+             f"{cfg.llm.backbone}, {series['cell']} seed {series['seed']}; MMD² adapter tokens vs title tokens "
+             f"(layer {m['layer']}): {m['before']:.4f} before, {m['after']:.4f} after training")
+    return {**series, "title": title}
+
+
+def study_results(cfg: ExperimentConfig, data: dict, records: list[dict], wall_seconds: float | None = None,
+                  fig4: dict | None = None) -> dict:
+    """Everything the outputs hold, computed from ``records`` (one per cell and seed) alone, and Figure 4's
+    series (``fig4``, from the models)."""
     other = {r.get("data_fingerprint") for r in records} - {data["fingerprint"]}
     if other:
         raise ValueError(f"records from other data ({sorted(map(str, other))}) than {data['fingerprint'][:12]}")
     return {"name": cfg.name, "study_hash": study_hash(cfg), "config_hash": config_hash(cfg),
             "seeds": list(cfg.study.seeds), "data": data, "data_fingerprint": data["fingerprint"],
             "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1), "config": to_dict(cfg),
-            "table1": table1(cfg, data, records), "fig3": figure3(cfg, data, records), "records": records}
+            "table1": table1(cfg, data, records), "fig3": figure3(cfg, data, records),
+            "fig4": figure4(cfg, data, fig4), "records": records}
 
 
 def write_outputs(results: dict, out: str, log=print) -> None:
@@ -107,9 +123,34 @@ def write_outputs(results: dict, out: str, log=print) -> None:
         ref = fig["reference"]
         errorbar_panels(panels, os.path.join(out, "fig3.png"), fig["xlabel"], fig["title"], log_x=True,
                         references={ref["label"]: {m.upper(): v for m, v in ref["mean"].items()}} if ref else None)
+    if results.get("fig4"):
+        draw_figure4(results["fig4"], os.path.join(out, "fig4.png"))
     write_json(os.path.join(out, "results.json"), results)
     log("\n" + results["table1"]["markdown"])
-    log(f"[study] wrote {out}/table1.md" + (", fig3.png" if fig else "") + ", results.json")
+    log(f"[study] wrote {out}/table1.md" + (", fig3.png" if fig else "") + (", fig4.png" if results.get("fig4") else "")
+        + ", results.json")
+
+
+MAP_TITLES = {"pca": "PCA", "tsne": "t-SNE"}
+
+
+def draw_figure4(fig: dict, path: str) -> None:
+    """Per map method a row: the ID model's item table, the LLM's title embeddings, the adapter's ID
+    tokens (each coloured by genre), and the LLM and adapter clouds in one projection (before/after)."""
+    genres, k = fig["genres"], fig["prompt_length"]
+    rows = {}
+    for method, maps in fig["maps"].items():
+        joint = maps["joint"]
+        rows[MAP_TITLES.get(method, method)] = {
+            "ID model: item table": {"items": {"points": maps["id_model"], "categories": genres}},
+            "LLM: title embeddings (layer 0)": {"items": {"points": maps["llm"], "categories": genres}},
+            f"adapter: ID tokens (mean of k={k}), trained": {"items": {"points": maps["adapter"],
+                                                                        "categories": genres}},
+            "LLM vs adapter, one projection": {
+                "LLM titles": {"points": joint["llm"], "marker": "o"},
+                "adapter, before training": {"points": joint["adapter_before"], "marker": "x"},
+                "adapter, after training": {"points": joint["adapter_after"], "marker": "^"}}}
+    category_maps(rows, path, fig["title"], category_name="genre (first listed)")
 
 
 def results_from_file(path: str) -> dict:
@@ -125,4 +166,6 @@ def results_from_file(path: str) -> dict:
     if config_hash(cfg) != saved.get("config_hash") or study_hash(cfg) != saved.get("study_hash"):
         raise ConfigError(f"--from-results: {path} was edited (its config no longer hashes to "
                           f"{saved.get('config_hash')}); use the file jobs/study.py wrote")
-    return study_results(cfg, data, records, saved.get("wall_seconds"))
+    fig4 = saved.get("fig4")
+    fig4 = {k: v for k, v in fig4.items() if k != "title"} if fig4 else None
+    return study_results(cfg, data, records, saved.get("wall_seconds"), fig4=fig4)

@@ -49,6 +49,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         # extension cache; venvs sharing the default ~/.cache/torch_extensions rewrite each other's
         # build files and runs rebuilt it in turn (minutes of compiling on 2 cores): one cache per venv.
         env["TORCH_EXTENSIONS_DIR"] = os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+        # Train V2 starts a preemption-watcher actor per run (a process: ~2 s of CPU to start) that polls
+        # for nodes being drained; the one node of an embedded Ray is never drained.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs = {}
     if not os.environ.get("RAY_ADDRESS"):
         # The dashboard serves the state API that Ray Train's PlacementGroupCleaner uses to release
