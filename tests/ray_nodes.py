@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from idle_ray.train.cluster import torch_extensions_dir
+
 LOOPBACK = "127.0.0.1"
 # What a head, and a driver that joins it, get in their environment: no auth for a throw-away head on
 # loopback, nothing to drain on stop (see stop_node), no telemetry, unbuffered logs; and "this
@@ -60,6 +62,9 @@ def node_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(HEAD_ENV)
     env.update(extra or {})
+    # the nodes' DeepSpeed CPU op builds into this venv's cache, as an embedded Ray's workers' do
+    # (the default ~/.cache/torch_extensions would be a second multi-minute build on 2 cores)
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     return env
 
 

@@ -32,6 +32,7 @@ import pytest
 
 from ray_nodes import free_ports as _free_ports, stop_node as _stop_head, tail as _tail
 from test_storage import BUCKET, _files, s3  # noqa: F401 - s3: the module's S3 server fixture
+from idle_ray.train.cluster import torch_extensions_dir
 from tiny_jobs import ROOT, run_job, write_tiny_config, write_tiny_data
 
 NODE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -77,6 +78,7 @@ def cluster(s3, tmp_path_factory):  # noqa: F811 - s3 is the imported fixture
     gcs, dashboard, client = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(NODE_ENV)
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())  # this venv's DeepSpeed build, as ensure_ray
     procs, node_logs = [], []
     try:
         node_logs.append(logs / "head.log")
