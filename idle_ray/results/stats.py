@@ -20,9 +20,8 @@ def mean_se(values) -> tuple[float, float | None]:
     """Mean and its standard error, sample std (ddof 1) / sqrt(n), of per-user values (n,); the
     error is None for one value."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
-    if v.size == 0:
-        raise ValueError("mean_se of no values")
-    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None)
+    mean, std = mean_std(v)
+    return mean, (std / float(np.sqrt(v.size)) if std is not None else None)
 
 
 def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:

@@ -54,15 +54,19 @@ def validation_protocols(cfg: ExperimentConfig) -> list[str]:
     return ["full"] + ([cfg.eval.select_protocol] if cfg.eval.select_protocol != "full" else [])
 
 
+def _selection_metric(cfg: ExperimentConfig, val: dict, metric: str) -> float:
+    """Validation ``metric`` under ``eval.select_protocol`` (0 when absent)."""
+    return val.get(metric if cfg.eval.select_protocol == "full" else f"{cfg.eval.select_protocol}_{metric}", 0.0)
+
+
 def selection_score(cfg: ExperimentConfig, val: dict) -> float:
     """Validation NDCG@10 under ``eval.select_protocol``: what early stopping and selection compare."""
-    key = "ndcg@10" if cfg.eval.select_protocol == "full" else f"{cfg.eval.select_protocol}_ndcg@10"
-    return val.get(key, 0.0)
+    return _selection_metric(cfg, val, "ndcg@10")
 
 
 def selection_hr10(cfg: ExperimentConfig, val: dict) -> float:
     """Validation HR@10 under ``eval.select_protocol``, printed next to the NDCG@10 selection uses."""
-    return val.get("hr@10" if cfg.eval.select_protocol == "full" else f"{cfg.eval.select_protocol}_hr@10", 0.0)
+    return _selection_metric(cfg, val, "hr@10")
 
 
 def selection_label(cfg: ExperimentConfig) -> str:
