@@ -30,11 +30,17 @@ class Ctx:
 def make_run(root, corrupt_latest: bool, registered=("checkpoint_000001", "checkpoint_000002")) -> str:
     """A run folder with checkpoints of epochs 1 and 2 (Ray names sort oldest first) and Ray Train's
     snapshot registering ``registered`` (none: no snapshot, as before the first registration)."""
+    import pyarrow.fs as pafs
+
+    from idle_ray.train.manifests import publish
     run = root / "run"
     for epoch in (1, 2):
         d = run / f"checkpoint_00000{epoch}"
-        (d / DS_TAG).mkdir(parents=True)
-        (d / CKPT_META).write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
+        local = root / f"rank0_epoch{epoch}"  # what the one rank wrote, published as a run publishes it
+        local.mkdir()
+        (local / CKPT_META).write_text(json.dumps({"epoch": epoch, "step": 10 * epoch}))
+        publish(str(local), pafs.LocalFileSystem(), str(d), 0, 1)
+        (d / DS_TAG).mkdir()
     if corrupt_latest:
         (run / "checkpoint_000002" / CKPT_META).write_text("{ not json")
     if registered:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import warnings
 
-from idle_ray.train import storage
+from idle_ray.train import manifests, storage
 
 CKPT_META = "train_state.json"
 # Ray Train V2's record of a run's registered checkpoints (in the run folder): on resume it hands
@@ -52,10 +52,12 @@ def registered(run_dir: str) -> tuple[str | None, list[str]]:
     """``(latest, all)`` checkpoint folder names Ray Train registered for ``run_dir`` (its snapshot),
     ``all`` oldest first; ``(None, [])`` when nothing is registered yet.
 
-    Ray registers a checkpoint once every rank has uploaded its part, so a registered checkpoint is
-    complete; a folder Ray did not register (an upload cut by a storage outage, a driver killed
-    before registration) is never resumed from. A storage outage is waited out
-    (:func:`idle_ray.train.storage.patiently`), never read as "no checkpoint"."""
+    Ray registers a checkpoint once every rank's upload returned (each rank checks its files on
+    storage and writes its manifest last, :func:`idle_ray.train.manifests.publish`), and a resume
+    still checks the one it picks is complete (:func:`choose_checkpoint`). A folder Ray did not
+    register (an upload cut by a storage outage, a driver killed before registration) is never
+    resumed from. A storage outage is waited out (:func:`idle_ray.train.storage.patiently`), never
+    read as "no checkpoint"."""
     where = storage.join(run_dir, TRAIN_SNAPSHOT)
     try:
         snap = json.loads(storage.patiently(lambda: storage.read_bytes(where), f"reading {where}"))
@@ -115,8 +117,9 @@ def _read_state(cand) -> dict:
 
 
 def choose_checkpoint(candidates: list) -> int | None:
-    """Index of the first candidate whose state can be read and that has DeepSpeed's folder (a
-    warning for each one passed over); ``None`` when there is none. Reads only, loads nothing.
+    """Index of the first candidate whose state can be read and that is complete (DeepSpeed's folder,
+    every rank's manifest and the files it lists: :mod:`idle_ray.train.manifests`), a warning for each
+    one passed over; ``None`` when there is none. Reads only, loads nothing.
     Storage that does not answer is waited for (``StorageUnavailable`` after its patience)."""
     import pyarrow.fs as pafs
     for i, cand in enumerate(candidates):
@@ -129,6 +132,7 @@ def choose_checkpoint(candidates: list) -> int | None:
             info = storage.patiently(lambda: cand.filesystem.get_file_info(ds), f"reading {ds}")
             if info.type != pafs.FileType.Directory:
                 raise FileNotFoundError(f"no {DS_TAG} folder")
+            manifests.require_complete(cand.filesystem, cand.path)  # every rank's files, not only rank 0's
             return i
         except storage.StorageUnavailable:
             raise  # an outage says nothing about this checkpoint: no fallback to an older one

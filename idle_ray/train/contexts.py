@@ -6,13 +6,14 @@ and ``report(metrics, ckpt_dir)``; :func:`to_tensors` turns their numpy batches 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from idle_ray.config import ExperimentConfig
+from idle_ray.train.manifests import publish
 
 
 def to_tensors(batch: dict, device) -> dict:
@@ -49,7 +50,18 @@ class RayContext:
 
     def report(self, metrics: dict, ckpt_dir: str | None):
         from ray.train import Checkpoint
-        self.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if not ckpt_dir:
+            self.train.report(metrics)
+            return
+
+        def upload(checkpoint, name: str):
+            # This rank's files, checked on storage, then its manifest (see manifests): Train registers the
+            # checkpoint once every rank's upload returned, and a cut upload raises instead of passing.
+            run = self.train.get_context().get_storage()
+            dest = run.build_checkpoint_path_from_name(name)
+            publish(checkpoint.path, run.storage_filesystem, dest, self.rank, self.world)
+            return Checkpoint(dest, filesystem=run.storage_filesystem)
+        self.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir), checkpoint_upload_fn=upload)
 
 
 class LocalContext:
@@ -84,4 +96,4 @@ class LocalContext:
         if ckpt_dir:
             step = f"_step{metrics['step']:07d}" if metrics.get("step_checkpoint") else ""
             dest = self.out_dir / f"checkpoint_{metrics['epoch']:04d}{step}"
-            shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
+            publish(ckpt_dir, pafs.LocalFileSystem(), str(dest), 0, 1)

@@ -16,6 +16,7 @@ from idle_ray.data.prepare import PreparedDataset
 from idle_ray.train import builders
 from idle_ray.train import storage as run_storage
 from idle_ray.train.checkpoints import CKPT_META, CKPT_WEIGHTS
+from idle_ray.train.manifests import require_complete
 from idle_ray.train.cluster import ensure_ray, require_shared_paths  # noqa: F401 - ensure_ray: this API
 from idle_ray.train.worker import train_fn_per_worker
 
@@ -113,10 +114,12 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
 
 def best_weights(result) -> str:
     """Location (path or URI) of the best (validation-selected) trainable weights in the run's
-    latest checkpoint."""
+    latest checkpoint; :class:`~idle_ray.train.manifests.IncompleteCheckpoint` when that checkpoint
+    lacks a rank's files."""
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError("the run produced no checkpoint")
+    require_complete(ckpt.filesystem, ckpt.path)  # every rank's files, before anything is evaluated
     path = run_storage.join(run_storage.uri(ckpt.filesystem, ckpt.path), "best_" + CKPT_WEIGHTS)
     if not run_storage.exists(path):
         raise RuntimeError(f"{ckpt.path}: no best weights ({CKPT_META} may be from an older version)")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from idle_ray.config import ConfigError, ExperimentConfig
 from idle_ray.data.prepare import PreparedDataset
-from idle_ray.train import storage
-from idle_ray.train.checkpoints import CKPT_WEIGHTS
+from idle_ray.locations import basename
+from idle_ray.train import manifests, storage
+from idle_ray.train.checkpoints import CKPT_WEIGHTS, registered
 
 BEST_WEIGHTS = "best_" + CKPT_WEIGHTS
 # Config fields that define a trained adapter: evaluating its weights under other values is an error.
@@ -122,16 +123,28 @@ def _check_by_loading(location: str, data: bytes, cfg: ExperimentConfig, prepare
 
 
 def run_best_weights(storage_path: str, run_name: str) -> str:
-    """Location of the best (validation-selected) weights of the run ``run_name`` under ``storage_path``."""
+    """Location of the best (validation-selected) weights of the run ``run_name`` under ``storage_path``,
+    from its newest complete checkpoint: among those Ray Train registered (newest first), else among
+    its checkpoint folders (a run without Ray); a folder that lacks a rank's manifest or file (an upload
+    cut by a storage outage) is passed over (:mod:`idle_ray.train.manifests`)."""
     if storage.is_uri(storage_path):
         storage.check_uri(storage_path, write=False)
     run_dir = storage.join(storage_path, run_name)
-    for ckpt in storage.checkpoints(run_dir):
+    names = list(reversed(registered(run_dir)[1])) or [basename(c) for c in storage.checkpoints(run_dir)]
+    passed_over = []
+    for name in names:
+        ckpt = storage.join(run_dir, name)
+        gaps = manifests.missing(*storage.resolve(ckpt))
+        if gaps:
+            passed_over.append(f"{name} (incomplete: no {gaps[0]})")
+            continue
         best = storage.join(ckpt, BEST_WEIGHTS)
         if storage.exists(best):
             return best
+        passed_over.append(f"{name} (no {BEST_WEIGHTS})")
     runs = [r for r in storage.subfolders(storage_path) if storage.checkpoints(storage.join(storage_path, r))]
-    what = "no checkpoint with best weights" if storage.exists(run_dir) else "no such run"
-    raise WeightsError(f"{run_dir}: {what}. Runs with checkpoints under train.storage_path = {storage_path!r}: "
-                       f"{', '.join(runs) or 'none'}. Fix: pass one of them, or set train.storage_path to where the "
-                       f"run was written")
+    what = "no complete checkpoint with best weights" if storage.exists(run_dir) else "no such run"
+    seen = f" (passed over: {'; '.join(passed_over)})" if passed_over else ""
+    raise WeightsError(f"{run_dir}: {what}{seen}. Runs with checkpoints under train.storage_path = {storage_path!r}: "
+                       f"{', '.join(runs) or 'none'}. Fix: pass one of them, rerun the training command to resume "
+                       f"it, or set train.storage_path to where the run was written")
