@@ -144,3 +144,17 @@ def test_publish_rides_out_an_outage_then_names_what_it_could_not_upload(s3, tmp
     no_manifest = fs.get_file_info(f"ckpts/run/checkpoint_b/{manifest_name(0)}")
     assert no_manifest.type == pafs.FileType.NotFound  # never written: the checkpoint never counts
     assert missing(fs, "ckpts/run/checkpoint_b") == [manifest_name(0)]
+
+
+def test_a_rank_with_no_files_publishes_first_on_local_storage(tmp_path):
+    """Under ZeRO-0 DeepSpeed writes nothing on rank 1, so its checkpoint part is an empty folder; its
+    manifest may be the first thing written to the checkpoint folder (the resume tests' failure before
+    the fix: FileNotFoundError from the local filesystem)."""
+    empty = tmp_path / "rank1"
+    empty.mkdir()
+    dest = tmp_path / "runs" / "run" / "checkpoint_x"
+    publish(str(empty), pafs.LocalFileSystem(), str(dest), 1, 2)
+    assert json.loads((dest / manifest_name(1)).read_text()) == {"rank": 1, "world": 2, "files": {}}
+    assert missing(pafs.LocalFileSystem(), str(dest)) == [manifest_name(0)]
+    publish(rank_files(tmp_path / "rank0", 0, 1), pafs.LocalFileSystem(), str(dest), 0, 2)
+    assert missing(pafs.LocalFileSystem(), str(dest)) == []

@@ -66,6 +66,10 @@ def publish(local_dir: str, fs, dest: str, rank: int, world: int) -> None:
     files = local_files(local_dir)
     where = _where(fs, dest)
     local = fs.type_name == "local"  # an object store has no folders to make
+    if local:
+        # The folder itself too: a rank with no files of its own (rank 1 under ZeRO-0, where DeepSpeed
+        # writes only on rank 0) may write its manifest before any other rank made the folder.
+        fs.create_dir(dest)
     for rel in files:
         target = posixpath.join(dest, rel)
         if local:
