@@ -1,6 +1,7 @@
 """The throughput benchmark job runs end to end on tiny inputs, with Ray absent: the standalone
 worker path (one device, no Ray) must not need it, since GPU machines may not have it."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,13 @@ def test_benchmark_and_standalone_worker_run_without_ray(tiny_prepared, tmp_path
            str(tiny_prepared.path), "--threads", "1", "--steps", "1", "--repeats", "2", "--warmup", "0",
            "--rows", "worker,feed,torch,ds0", "--standalone", "2", "--json", str(out),
            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TMPDIR": str(tmp)})
     assert run.returncode == 0, run.stderr[-3000:]
+    # the standalone run's temporary folders (best weights, checkpoints) are gone once it returns
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(("idle_ray_best_", "idle_ray_ckpt_"))]
     figures = json.loads(out.read_text())
     assert figures["errors"] == {}
     rows = {r["row"]: r for r in figures["rows"]}

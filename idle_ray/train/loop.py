@@ -134,7 +134,13 @@ def step_checkpoint(engine, model, ctx, state: dict, best_keep: str, weights_met
 
 
 def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
-    """Train ``model`` for the run ``config`` describes (see ``worker``) -> the run's final numbers."""
+    """Train ``model`` for the run ``config`` describes (see ``worker``) -> the run's final numbers.
+    The best weights so far are kept in a temporary folder of this process, removed when it returns."""
+    with tempfile.TemporaryDirectory(prefix="idle_ray_best_") as keep:
+        return _train_loop(config, ctx, cfg, prepared, model, os.path.join(keep, "best_" + CKPT_WEIGHTS))
+
+
+def _train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model, best_keep: str) -> dict:
     import torch.distributed as dist
 
     pretrain = config["task"] == "pretrain"
@@ -150,7 +156,6 @@ def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dic
 
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
              "history": []}
-    best_keep = os.path.join(tempfile.mkdtemp(prefix="idle_ray_best_"), "best_" + CKPT_WEIGHTS)
     restored = try_restore(engine, ctx, config.get("run_dir"), best_keep)
     weights_meta = weights_metadata(cfg, prepared, config["task"], config.get("id_artifact"))
     if restored:
