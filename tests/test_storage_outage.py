@@ -73,6 +73,7 @@ class CheckpointUploads:
         return self.puts == 2
 
 
+@pytest.mark.slow  # 2-6 min: CI keeps the publish-level outage test (test_checkpoint_manifests), real S3 too
 @pytest.mark.timeout(900)
 def test_training_rides_out_a_storage_outage(s3, tmp_path):
     from idle_ray.train.checkpoints import TRAIN_SNAPSHOT, resume_state
