@@ -571,6 +571,8 @@ def test_scoring_in_length_sorted_chunks_equals_one_pass_in_row_order(backbones,
     encoder = PromptEncoder(bb.tokenizer, TEMPLATE, k, 5, 120, TITLES, bb.kind, item_slots=(variant == "llara"))
     batch = encoder({"history": histories(seed=2, batch=70)})
     model = make_model(bb, variant).eval()
+    if variant == "idle":  # off zero, so scoring runs the LLM (a zero fused head skips it)
+        torch.nn.init.normal_(model.adapter.head.proj.weight, std=0.05)
     widths, prepare = [], model._prepare
 
     def recording_prepare(b):  # the width each forward runs at, after trimming
@@ -649,3 +651,38 @@ def test_anchor_config_rules():
     assert config_hash(cfg) == config_hash(load_config(None, ["pretrain.holdout_targets=3"]))  # same training run
     for override in ("adapter.fusion=none", "adapter.variant=llm_only", "adapter.variant=llara"):
         assert not uses_anchor(load_config(None, ["adapter.anchor_weight=0.5", "pretrain.holdout_targets=3", override]))
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encoder"])
+def test_zero_fused_head_scores_without_the_llm_exactly_as_the_full_pass(backbones, monkeypatch, name):
+    """Before the first update (W_o = 0, b_o = 0) fused scores are u · Eᵀ whatever the LLM reads out:
+    scoring skips the frozen LLM (no layer runs) and returns exactly the full pass's scores, anchored
+    too. After one optimiser step the head is off zero and scoring runs the LLM again."""
+    from idle_ray.train.builders import IDModelTask
+    bb = backbones[name]
+    model = make_model(bb, "idle", use_item_bias=True).eval()
+    batch = make_batch(bb, "idle", pad_to_max_tokens=False)
+    calls = []
+    handle = bb.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        skipped = model.full_sort_predict(batch)
+        assert calls == []  # no LLM layer ran
+        monkeypatch.setattr(model, "_correction_is_zero", lambda: False)
+        full = model.full_sort_predict(batch)
+        assert calls and torch.equal(skipped, full)
+        model.set_anchor(IDModelTask(make_sasrec(seed=5)), 0.5)
+        anchored_full = model.full_sort_predict(batch)
+        monkeypatch.undo()
+        calls.clear()
+        assert torch.equal(model.full_sort_predict(batch), anchored_full) and calls == []
+        model.set_anchor(None)
+        model.train()
+        opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+        model(batch)["loss"].backward()
+        opt.step()
+        model.eval()
+        calls.clear()
+        trained = model.full_sort_predict(batch)
+        assert calls and not model._correction_is_zero() and not torch.equal(trained, full)
+    finally:
+        handle.remove()

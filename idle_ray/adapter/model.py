@@ -317,6 +317,12 @@ class IDLEModel(nn.Module):
         if self.prompt_length > 0 or self.fusion == "residual":
             with torch.no_grad():
                 user_state = self.id_model.user_state(batch["history"])  # (B, d), frozen
+        if "target" not in batch and self._correction_is_zero():
+            # score fusion before any update: W_o = 0, b_o = 0, so z = u exactly and the LLM's read-out
+            # cannot change a score; skip the frozen LLM (the step-0 validation costs no LLM pass)
+            readout = torch.zeros(len(user_state), self.adapter.head.proj.in_features,
+                                  dtype=self.adapter.head.proj.weight.dtype, device=user_state.device)
+            return {"scores": self._scores(readout, user_state)}
         # scoring only (no target): no MMD, so evaluation neither pays for it nor draws from the
         # global RNG (its text subsample), and training after a validation is the same as without
         readout, mmd = self._encode(batch, user_state, with_mmd="target" in batch)  # (B, D), scalar
@@ -385,6 +391,16 @@ class IDLEModel(nn.Module):
                 p.requires_grad_(False)
         object.__setattr__(self, "anchor", anchor)  # not a submodule: not in state_dict, optimizer or ZeRO
         self.anchor_weight = float(weight)
+
+    def _correction_is_zero(self) -> bool:
+        """Score fusion with ``W_o`` and ``b_o`` exactly zero (the zero-initialised head before its
+        first update): the scores are ``u · Eᵀ`` (+ item bias) whatever the LLM reads out. False when
+        the head's parameters are not all on this process (ZeRO-3 partitions them), so every rank
+        takes the same path."""
+        proj = self.adapter.head.proj
+        if self.fusion != "residual" or proj.weight.numel() != proj.in_features * proj.out_features:
+            return False
+        return not bool(proj.weight.any()) and not bool(proj.bias.any())
 
     def _scores(self, readout: Tensor, user_state: Tensor | None = None) -> Tensor:
         return self.adapter.head(readout, self.item_table_frozen, user_state)  # (B, N + 1)
