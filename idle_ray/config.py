@@ -124,7 +124,10 @@ class LLMConfig:
                        "'tiny-encoder', or a local Hugging Face model folder.")
     cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray); for "
                         "'smollm2-135m-random' a folder holding its config.json and tokenizer also works.")
-    dtype: str = _f("float32", "Backbone dtype.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _f("float32", "The frozen LLM's dtype (the adapter and the ID model stay float32). 'auto': "
+                    "bfloat16 on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 / AMX-BF16), else "
+                    "float32; every result records the dtype used (llm_dtype).",
+                    choices=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -184,3 +184,58 @@ def test_exported_smollm2_architecture_has_the_real_shape_and_tokenizer(tmp_path
     assert 134_000_000 < sum(p.numel() for p in random.model.parameters()) < 135_000_000
     text = "A user watched: Heat, Casino. The next movie is"
     assert random.tokenizer(text)["input_ids"] == load_tokenizer("smollm2-135m")[0](text)["input_ids"]
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_is_native(tmp_path):
+    """``llm.dtype: auto``: bfloat16 on a GPU or a CPU whose flags say native bf16 (AVX512-BF16 or
+    AMX-BF16), float32 on a CPU without them or when the flags cannot be read; names pass through."""
+    from idle_ray.llm.backbone import cpu_has_native_bf16, resolve_dtype
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n\n"
+                   "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n")
+    assert cpu_has_native_bf16(amx) and not cpu_has_native_bf16(avx2)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    assert resolve_dtype("auto", cpuinfo=amx) == torch.bfloat16
+    assert resolve_dtype("auto", cpuinfo=avx2) == torch.float32
+    assert resolve_dtype("auto", on_gpu=True, cpuinfo=avx2) == torch.bfloat16
+    assert resolve_dtype("float32", cpuinfo=amx) == torch.float32
+    assert resolve_dtype("bfloat16", cpuinfo=avx2) == torch.bfloat16
+    with pytest.raises(ValueError, match="llm.dtype 'fp8'"):
+        resolve_dtype("fp8")
+
+
+def test_bf16_backbone_trains_an_fp32_adapter_on_fp32_id_states():
+    """A bf16 frozen LLM under an fp32 adapter and fp32 ID model (``llm.dtype: bfloat16`` / ``auto``):
+    at step 0 the fused scores are the fp32 ID model's exactly (no bf16 rounding of u or E), the
+    loss is finite, the gradient reaches the adapter in fp32 and an SGD step moves it."""
+    import numpy as np
+
+    from idle_ray.adapter.model import IDLEModel
+    from idle_ray.llm.prompts import PromptEncoder
+    from idle_ray.models.sasrec import SASRec
+    bb = load_backbone("tiny-decoder", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    sasrec = SASRec(20, hidden_size=16, max_len=8, dropout=0.0, attn_dropout=0.0)
+    model = IDLEModel(bb, sasrec, variant="idle", prompt_length=2, projection_width=16, refine_width=8)
+    titles = ["<pad>"] + [f"movie {i}" for i in range(1, 21)]
+    encoder = PromptEncoder(bb.tokenizer, "seen: {history}. {id_tokens} next:", 2, 5, 120, titles, bb.kind)
+    rng = np.random.default_rng(0)
+    batch = encoder({"history": rng.integers(1, 21, (4, 8)), "target": rng.integers(1, 21, 4)})
+    with torch.no_grad():
+        ours = model.full_sort_predict(batch)
+        theirs = sasrec.full_sort_predict(torch.as_tensor(batch["history"]).long())
+    assert ours.dtype == torch.float32 and torch.equal(ours[:, 1:], theirs[:, 1:])
+    assert next(model.llm.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    model.train()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    before = model.adapter.head.proj.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        opt.step()
+    assert torch.isfinite(out["loss"]) and out["mmd"].item() > 0
+    assert model.adapter.alignment.fc_out.weight.grad.abs().sum() > 0
+    assert not torch.equal(model.adapter.head.proj.weight, before)

@@ -91,8 +91,10 @@ def refine_layer_ids(spec: str) -> list[int] | None:
     return None if spec == "all" else [int(x) for x in spec.split(",")]
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def llm_dtype(cfg: ExperimentConfig) -> torch.dtype:
+    """The frozen LLM's dtype for this config on this machine (``llm.dtype``, ``auto`` resolved)."""
+    from idle_ray.llm.backbone import resolve_dtype
+    return resolve_dtype(cfg.llm.dtype, on_gpu=cfg.train.use_gpu and torch.cuda.is_available())
 
 
 def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_artifact: str | Path) -> nn.Module:
@@ -101,7 +103,7 @@ def build_adapter_task(cfg: ExperimentConfig, prepared: PreparedDataset, id_arti
     from idle_ray.models.artifact import load_id_artifact
 
     id_model, _ = load_id_artifact(id_artifact, prepared.manifest["vocab_fingerprint"])
-    backbone = load_backbone(cfg.llm.backbone, cache_dir=cfg.llm.cache_dir or None, dtype=_dtype(cfg.llm.dtype))
+    backbone = load_backbone(cfg.llm.backbone, cache_dir=cfg.llm.cache_dir or None, dtype=llm_dtype(cfg))
     return adapter_model(cfg, backbone, id_model)
 
 

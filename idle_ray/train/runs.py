@@ -86,6 +86,7 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
 
     ``test_artifact``: test the trained adapter on this ID model instead (a refit of ``artifact``);
     the record then holds the validation of both, every user (``valid_base``, ``valid``)."""
+    from idle_ray.train import builders
     from idle_ray.train.evaluate import evaluate, evaluate_adapter
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
     from idle_ray.train.storage import uri
@@ -93,6 +94,8 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
     ensure_ray()
     record = run_record(variant=cfg.adapter.variant, seed=cfg.seed, config_hash=config_hash(cfg),
                         data_fingerprint=prepared.fingerprint, backbone=cfg.llm.backbone)
+    if cfg.adapter.variant != "id_only":
+        record["llm_dtype"] = str(builders.llm_dtype(cfg)).removeprefix("torch.")
     if cfg.adapter.variant == "id_only":
         record["test"] = evaluate(cfg, prepared, "test", kind="id_model", id_artifact=artifact)
         return record
