@@ -99,6 +99,7 @@ def test_misconfigured_uri_fails_at_config_time(s3, tmp_path, monkeypatch):
     assert "Started a local Ray instance" not in r.stdout + r.stderr  # refused before any work
 
 
+@pytest.mark.slow  # 5 min; S3 checkpoints stay in the default suite: test_multinode (a whole run in the bucket), test_checkpoint_manifests
 def test_train_checkpoints_resumes_and_reads_back_from_s3(s3, tmp_path):
     from idle_ray.config import load_config
     from idle_ray.train.builders import prepare_from_config

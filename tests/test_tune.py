@@ -96,6 +96,7 @@ def _result_grid(exp: Path) -> tune.ResultGrid:
     return tune.ResultGrid(tune.ExperimentAnalysis(str(exp)))
 
 
+@pytest.mark.slow  # 7 min; jobs/tune.py end to end stays in the default suite: tests/test_tune_autoscaling.py
 @pytest.mark.timeout(1500)
 def test_tune_job_search_restore_and_report(tmp_path):
     sets = tiny_tune_sets(tmp_path)
