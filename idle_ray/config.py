@@ -126,7 +126,7 @@ class LLMConfig:
                         "'smollm2-135m-random' a folder holding its config.json and tokenizer also works.")
     dtype: str = _f("float32", "The frozen LLM's dtype (the adapter and the ID model stay float32). 'auto': "
                     "bfloat16 on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 / AMX-BF16), else "
-                    "float32; every result records the dtype used (llm_dtype).",
+                    "float32; the main job's records note it (llm_dtype, as resolved on the driver).",
                     choices=("auto", "float32", "bfloat16", "float16"))
 
 

@@ -94,11 +94,10 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
     ensure_ray()
     record = run_record(variant=cfg.adapter.variant, seed=cfg.seed, config_hash=config_hash(cfg),
                         data_fingerprint=prepared.fingerprint, backbone=cfg.llm.backbone)
-    if cfg.adapter.variant != "id_only":
-        record["llm_dtype"] = str(builders.llm_dtype(cfg)).removeprefix("torch.")
     if cfg.adapter.variant == "id_only":
         record["test"] = evaluate(cfg, prepared, "test", kind="id_model", id_artifact=artifact)
         return record
+    record["llm_dtype"] = str(builders.llm_dtype(cfg)).removeprefix("torch.")  # as resolved on the driver
     t0 = time.time()
     name = run_name(cfg)
     result = run_training(cfg, prepared, task="adapter", run_name=name, id_artifact=artifact)
