@@ -44,7 +44,7 @@ def test_benchmark_and_standalone_worker_run_without_ray(tiny_prepared, tmp_path
                          env={**os.environ, "TMPDIR": str(tmp)})
     assert run.returncode == 0, run.stderr[-3000:]
     # the standalone run's temporary folders (best weights, checkpoints) are gone once it returns
-    assert not [p.name for p in tmp.iterdir() if p.name.startswith(("idle_ray_best_", "idle_ray_ckpt_"))]
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(("idle_ray_worker_", "idle_ray_ckpt_"))]
     figures = json.loads(out.read_text())
     assert figures["errors"] == {}
     rows = {r["row"]: r for r in figures["rows"]}

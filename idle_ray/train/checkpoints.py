@@ -22,10 +22,12 @@ CKPT_WEIGHTS = "trainable.safetensors"
 DS_TAG = "deepspeed"
 
 
-def save_checkpoint(engine, model, state: dict, rank: int, weights_meta: dict[str, str]) -> str:
-    """A temp folder with this rank's part of the checkpoint (rank 0 adds weights and state)."""
+def save_checkpoint(engine, model, state: dict, rank: int, weights_meta: dict[str, str],
+                    parent: str | None = None) -> str:
+    """A temp folder (in ``parent``: the worker's scratch folder) with this rank's part of the
+    checkpoint (rank 0 adds weights and state)."""
     from safetensors.torch import save_file
-    d = tempfile.mkdtemp(prefix="idle_ray_ckpt_")
+    d = tempfile.mkdtemp(prefix="idle_ray_ckpt_", dir=parent)
     # Every rank writes its optimizer shard; frozen weights are never written.
     engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=True)
     if rank == 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,9 +12,12 @@ import torch
 from idle_ray.config import ExperimentConfig
 from idle_ray.train import storage
 from idle_ray.train.checkpoints import CKPT_WEIGHTS, save_checkpoint, trainable_state, try_restore
+from idle_ray.train.scratch import scratch_folder
 from idle_ray.train.steps import make_engine, train_step, worker_device
 from idle_ray.train.validation import evaluate_split
 from idle_ray.train.weights import weights_metadata
+
+SCRATCH_PREFIX = "idle_ray_worker_"  # this worker's best weights and checkpoints in flight
 
 
 def tb_name(key: str) -> str:
@@ -123,7 +125,7 @@ def step_checkpoint(engine, model, ctx, state: dict, best_keep: str, weights_met
     the best weights so far when there are any; reported with ``step_checkpoint: 1`` and no
     validation (not forwarded to Tune, see :class:`idle_ray.tune.search.EpochReportCallback`)."""
     import torch.distributed as dist
-    ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta)
+    ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta, os.path.dirname(best_keep))
     if ctx.rank == 0 and os.path.exists(best_keep):
         shutil.copy(best_keep, os.path.join(ckpt_dir, "best_" + CKPT_WEIGHTS))
     ctx.report({"epoch": state["epoch"], "step": state["step"], "epoch_step": state["epoch_step"],
@@ -135,8 +137,10 @@ def step_checkpoint(engine, model, ctx, state: dict, best_keep: str, weights_met
 
 def train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model) -> dict:
     """Train ``model`` for the run ``config`` describes (see ``worker``) -> the run's final numbers.
-    The best weights so far are kept in a temporary folder of this process, removed when it returns."""
-    with tempfile.TemporaryDirectory(prefix="idle_ray_best_") as keep:
+    The best weights so far and the checkpoints being reported are kept in this worker's scratch
+    folder (:mod:`idle_ray.train.scratch`), removed when it returns or, if it is killed, by the
+    next worker on the node."""
+    with scratch_folder(SCRATCH_PREFIX) as keep:
         return _train_loop(config, ctx, cfg, prepared, model, os.path.join(keep, "best_" + CKPT_WEIGHTS))
 
 
@@ -244,7 +248,7 @@ def _train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model, best_
                   f"{selection_hr10(cfg, val):.4f} (best {state['best']:.4f} @ {state['best_epoch']}) "
                   f"{metrics['epoch_seconds']:.0f} s", flush=True)
         # Checkpoint: every epoch (resume) and the best weights (selection on validation).
-        ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta)
+        ckpt_dir = save_checkpoint(engine, model, state, ctx.rank, weights_meta, os.path.dirname(best_keep))
         if ctx.rank == 0:
             # The latest checkpoint always carries the best weights so far (selection on validation).
             if improved:
