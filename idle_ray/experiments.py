@@ -79,11 +79,12 @@ def run_seed(cfg: ExperimentConfig, prepared, rows, log=print) -> list[dict]:
             f"refit{cfg.pretrain.refit_epochs}")
         artifact_refit, _ = pretrain(cfg_refit, prepared, log=log)
     log(f"[main] seed {cfg.seed}: ID model(s) ready ({time.time() - t0:.0f} s)")
-    records = []
+    records, trained = [], {}  # idle, idle_unanchored and idle_refit: one adapter run, trained once
     for row in rows:
         t = time.time()
         rec = train_and_test(row_config(cfg, row), prepared, artifact_all if row == "id_only_all" else artifact,
-                             test_artifact=artifact_refit if row == "idle_refit" else None, log=log)
+                             test_artifact=artifact_refit if row == "idle_refit" else None, log=log,
+                             trained=trained)
         rec.update(row=row, label=row_label(cfg, row), seconds=round(time.time() - t, 1))
         records.append(rec)
         log(f"[main] seed {cfg.seed} {row} done in {rec['seconds']:.0f} s: " +

@@ -46,20 +46,42 @@ def synthetic_interactions(n_users=40, n_items=30, min_len=6, max_len=20, seed=0
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
-@pytest.fixture
-def tiny_csv(tmp_path):
+def write_tiny_csv(folder):
+    """``inter.csv`` (:func:`synthetic_interactions`) and ``items.csv`` (titles) in ``folder``."""
     df = synthetic_interactions()
-    p = tmp_path / "inter.csv"
+    p = folder / "inter.csv"
     df.to_csv(p, index=False)
     items = pd.DataFrame({"item_id": [f"i{i}" for i in range(30)], "title": [f"Movie {i}" for i in range(30)]})
-    ip = tmp_path / "items.csv"
+    ip = folder / "items.csv"
     items.to_csv(ip, index=False)
     return p, ip
 
 
+def prepare_tiny(folder, csv):
+    """The tiny log prepared into ``folder/prepared`` (7 users a shard)."""
+    from idle_ray.data.prepare import prepare_dataset
+    p, ip = csv
+    return prepare_dataset("csv", folder / "prepared", path=str(p), items_path=str(ip),
+                           min_user_interactions=5, min_item_interactions=1, rows_per_shard=7, log=lambda *a: None)
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    return write_tiny_csv(tmp_path)
+
+
 @pytest.fixture
 def tiny_prepared(tiny_csv, tmp_path):
-    from idle_ray.data.prepare import prepare_dataset
-    p, ip = tiny_csv
-    return prepare_dataset("csv", tmp_path / "prepared", path=str(p), items_path=str(ip),
-                           min_user_interactions=5, min_item_interactions=1, rows_per_shard=7, log=lambda *a: None)
+    return prepare_tiny(tmp_path, tiny_csv)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_job(tmp_path_factory):
+    """One real ``jobs/train.py`` run on the tiny data, in its own process with its own embedded Ray
+    (prepare, pre-train SASRec on 2 Ray Train workers, train IDLE on the tiny decoder on 2 workers under
+    DeepSpeed ZeRO-2, 2 epochs, test once): ``(work folder, config path, result record)``. The model
+    of the evaluate and recommend job tests and the first of the determinism test's two fresh runs;
+    those tests read its data, artifact and run folders and write nothing into them."""
+    from tiny_jobs import TINY_TRAIN_JOB, train_tiny
+    work = tmp_path_factory.mktemp("tiny_train_job")
+    return (work, *train_tiny(work, **TINY_TRAIN_JOB))

@@ -2,9 +2,10 @@
 
 Each run is ``jobs/train.py`` in its own process with its own embedded Ray: prepare, pre-train SASRec
 on 2 Ray Train workers, train IDLE (score fusion) on 2 workers under DeepSpeed ZeRO-2, test once. The
-runs share nothing on disk (separate data, artifact and run folders), so equal metrics mean the
-stream of samples (seeded global shuffle, order-preserving reads, ``user % world`` shares), the
-initialisation and the arithmetic are the same.
+first is the session's tiny train job (``conftest.tiny_train_job``, which the evaluate and recommend
+tests read), the second is run here. The runs share nothing on disk (separate input, data, artifact
+and run folders), so equal metrics mean the stream of samples (seeded global shuffle, order-preserving
+reads, ``user % world`` shares), the initialisation and the arithmetic are the same.
 """
 from __future__ import annotations
 
@@ -14,29 +15,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_jobs import run_job, write_tiny_config, write_tiny_data
+from tiny_jobs import TINY_TRAIN_JOB, run_job, write_tiny_config, write_tiny_data
 
 
 def _run(tmp_path, tag: str) -> dict:
     inter, items = write_tiny_data(tmp_path / "input")
     work = tmp_path / tag
-    cfg = write_tiny_config(tmp_path / f"{tag}.yaml", inter, items, work, str(work / "runs"),
-                            pretrain={"epochs": 1, "num_workers": 2},
-                            train={"epochs": 2, "torch_threads": 1, "eval_max_users": 0})
+    cfg = write_tiny_config(tmp_path / f"{tag}.yaml", inter, items, work, str(work / "runs"), **TINY_TRAIN_JOB)
     r = run_job("train.py", "--config", cfg, "--output", work / "result.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((work / "result.json").read_text())
 
 
 @pytest.mark.timeout(1800)  # two whole jobs, each starting its own Ray
-def test_two_fresh_runs_give_identical_metrics(tmp_path):
-    a, b = _run(tmp_path, "first"), _run(tmp_path, "second")
+def test_two_fresh_runs_give_identical_metrics(tiny_train_job, tmp_path):
+    first, _, a = tiny_train_job
+    b = _run(tmp_path, "second")
     assert a["torch_threads"] == b["torch_threads"] == 1  # recorded with the result
     assert a["steps"] == b["steps"] > 0
     assert a["best_val_ndcg_at_10"] == pytest.approx(b["best_val_ndcg_at_10"], abs=1e-6)
     for key, value in a["test"]["full"].items():
         assert value == pytest.approx(b["test"]["full"][key], abs=1e-6), key
-    sasrec = [load_file(str(tmp_path / tag / "sasrec" / "model.safetensors")) for tag in ("first", "second")]
+    sasrec = [load_file(str(work / "sasrec" / "model.safetensors")) for work in (first, tmp_path / "second")]
     assert sasrec[0].keys() == sasrec[1].keys()
     for key in sasrec[0]:
         assert torch.allclose(sasrec[0][key], sasrec[1][key], atol=1e-6), key

@@ -1,7 +1,7 @@
 """jobs/evaluate.py end to end on tiny inputs.
 
 One real ``jobs/train.py`` run (pre-train SASRec, train IDLE on the tiny decoder under Ray Train +
-DeepSpeed, test once) makes the inputs; then ``jobs/evaluate.py``
+DeepSpeed, test once; the session's ``tiny_train_job``) makes the inputs; then ``jobs/evaluate.py``
 
 * on the run by name reproduces the training job's test metrics exactly (same weights, same protocol);
 * on the ID-model artifact's validation split reproduces the validation score pre-training selected it by;
@@ -19,14 +19,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tiny_jobs import run_job, train_tiny, write_tiny_data
+from tiny_jobs import run_job, write_tiny_data
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(work folder, config path, the train job's result record)."""
-    work = tmp_path_factory.mktemp("evaluate")
-    return (work, *train_tiny(work))
+def trained(tiny_train_job):
+    """(work folder, config path, the train job's result record): the session's tiny train job."""
+    return tiny_train_job
 
 
 def evaluate_inputs(config, *sets, **kw) -> str:

@@ -43,6 +43,7 @@ def test_main_job_end_to_end(tmp_path):
     assert unanchored["run"] == idle["run"]  # one trained adapter, scored two ways
     assert idle["test"]["ranks"] != unanchored["test"]["ranks"]
     assert refit["run"] == idle["run"] and refit["train_seconds"] < idle["train_seconds"]  # the same trained adapter
+    assert "[train] resumed at" not in r.stdout + r.stderr  # taken from the idle row, not relaunched to read it back
     assert refit["test_artifact"] != str(tmp_path / "sasrec") and refit["valid"]["users"] == 24
     assert refit["valid_base"]["full"]["ndcg@10"] != refit["valid"]["full"]["ndcg@10"]
     assert "[refit] validation NDCG@10 on every user" in r.stdout

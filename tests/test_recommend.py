@@ -15,13 +15,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tiny_jobs import run_job, train_tiny
+from tiny_jobs import run_job
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("recommend")
-    return (work, *train_tiny(work))
+def trained(tiny_train_job):
+    """(work folder, config path, the train job's result record): the session's tiny train job."""
+    return tiny_train_job
+
+
+@pytest.fixture(scope="module")
+def batch_top5(trained):
+    """The batch job's top-5 lists of every user for the trained adapter run: ``(output folder, job)``."""
+    work, config, record = trained
+    out = work / "recs"
+    return out, run_job("recommend.py", "--config", config, "--run", record["run"], "--top-k", 5, "--output", out,
+                        cwd=work)
 
 
 def single_process_top_k(config, weights, kind, k, users=None, exclude_history=True):
@@ -52,11 +61,10 @@ def as_lists(table):
     return out
 
 
-def test_batch_recommendations_equal_single_process_scoring(trained):
+def test_batch_recommendations_equal_single_process_scoring(trained, batch_top5):
     from idle_ray.serve.batch import read_recommendations
     work, config, record = trained
-    out = work / "recs"
-    r = run_job("recommend.py", "--config", config, "--run", record["run"], "--top-k", 5, "--output", out, cwd=work)
+    out, r = batch_top5
     assert r.returncode == 0, r.stderr[-3000:]
     table, manifest = read_recommendations(str(out))
     assert manifest["users"] == 24 and manifest["rows"] == 24 * 5 and manifest["k"] == 5
@@ -128,9 +136,10 @@ def post(url, body, raw=False):
         return e.code, json.loads(e.read())
 
 
-def test_serve_endpoint_equals_batch_job_and_rejects_bad_requests(trained, ray_local):
+def test_serve_endpoint_equals_batch_job_and_rejects_bad_requests(trained, batch_top5, ray_local):
     """Ray Serve on 127.0.0.1 with real HTTP: a user's full history gives the batch job's list for that
-    user; bad requests get a 4xx with one line and the replica keeps answering."""
+    user (top 5, the batch test's output); bad requests get a 4xx with one line and the replica keeps
+    answering."""
     import socket
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
@@ -143,10 +152,10 @@ def test_serve_endpoint_equals_batch_job_and_rejects_bad_requests(trained, ray_l
     from idle_ray.train import builders
 
     work, config, record = trained
-    out = work / "recs_serve"
-    r = run_job("recommend.py", "--config", config, "--run", record["run"], "--top-k", 4, "--output", out, cwd=work)
+    out, r = batch_top5
     assert r.returncode == 0, r.stderr[-3000:]
     batch = as_lists(read_recommendations(str(out))[0])
+    assert {len(rows) for rows in batch.values()} == {5}
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +175,7 @@ def test_serve_endpoint_equals_batch_job_and_rejects_bad_requests(trained, ray_l
         histories = {vocab.user_ids[u]: [vocab.item_ids[i] for i in items] for u, items in zip(seqs["user"], seqs["items"])}
         users = sorted(histories)[:12]
         with ThreadPoolExecutor(8) as pool:  # concurrent, so @serve.batch forms batches
-            answers = list(pool.map(lambda u: post(f"{url}/recommend", {"history": histories[u], "k": 4, "user_id": u}),
+            answers = list(pool.map(lambda u: post(f"{url}/recommend", {"history": histories[u], "k": 5, "user_id": u}),
                                     users))
         for u, (status, body) in zip(users, answers):
             assert status == 200, body
@@ -182,7 +191,7 @@ def test_serve_endpoint_equals_batch_job_and_rejects_bad_requests(trained, ray_l
         for body, status, text in bad:
             got, answer = post(f"{url}/recommend", body, raw=isinstance(body, bytes))
             assert got == status and text in answer["error"], (body if isinstance(body, bytes) else str(body)[:80], answer)
-        status, body = post(f"{url}/recommend", {"history": histories[users[0]], "k": 4})
+        status, body = post(f"{url}/recommend", {"history": histories[users[0]], "k": 5})
         assert status == 200 and [x["item_id"] for x in body["items"]] == [row["item_id"] for row in batch[users[0]]]
         with urllib.request.urlopen(f"{url}/stats", timeout=30) as h:
             stats = json.loads(h.read())

@@ -11,10 +11,13 @@ from idle_ray.config import load_config
 
 @pytest.fixture(scope="module")
 def id_artifact(tmp_path_factory, ray_local):
-    """A real (tiny) SASRec pre-trained on the synthetic data through the pretrain path."""
+    """The tiny data prepared and a tiny SASRec artifact for it, randomly initialised (saved as pre-training
+    exports one): what these tests check is the adapter's training under ZeRO, not the ID model's; the
+    pretrain path runs in tests/test_train.py and in every job test."""
     from conftest import synthetic_interactions
     from idle_ray.data.prepare import prepare_dataset
-    from idle_ray.train.runs import pretrain
+    from idle_ray.models.artifact import save_id_artifact
+    from idle_ray.train import builders
     tmp = tmp_path_factory.mktemp("adapter")
     df = synthetic_interactions(n_users=24)
     df.to_csv(tmp / "inter.csv", index=False)
@@ -23,8 +26,11 @@ def id_artifact(tmp_path_factory, ray_local):
         tmp / "items.csv", index=False)
     prepared = prepare_dataset("csv", tmp / "prepared", path=str(tmp / "inter.csv"), items_path=str(tmp / "items.csv"),
                                min_user_interactions=5, min_item_interactions=1, rows_per_shard=7, log=lambda *a: None)
-    cfg = adapter_cfg(tmp, **{"pretrain.epochs": 2})
-    artifact, _ = pretrain(cfg, prepared, log=lambda *a: None)
+    cfg = adapter_cfg(tmp)
+    task, kwargs = builders.build_pretrain_task(cfg, prepared)
+    artifact = str(builders.id_artifact_dir(cfg, prepared))
+    save_id_artifact(task.model, artifact, name=cfg.id_model.name, kwargs=kwargs,
+                     vocab_fingerprint=prepared.manifest["vocab_fingerprint"], data_fingerprint=prepared.fingerprint)
     return tmp, prepared, artifact
 
 

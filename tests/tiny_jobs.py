@@ -15,6 +15,12 @@ from conftest import synthetic_interactions
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The tiny train job's sections (``conftest.tiny_train_job``, the determinism test): SASRec pre-trained
+# on 2 Ray Train workers, 2 adapter epochs, 1 intra-op thread (recorded), validation on every user.
+TINY_TRAIN_JOB = {"pretrain": {"epochs": 1, "num_workers": 2},
+                  "train": {"epochs": 2, "torch_threads": 1, "eval_max_users": 0}}
+
+
 def write_tiny_data(folder: Path, n_users: int = 24, n_items: int = 30, seed: int = 0) -> tuple[Path, Path]:
     """``inter.csv`` + ``items.csv`` (titles) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

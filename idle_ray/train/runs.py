@@ -81,11 +81,14 @@ def pretrain_and_test(cfg: ExperimentConfig) -> tuple[PreparedDataset, dict]:
 
 
 def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: str, log=print,
-                   test_artifact: str | None = None) -> dict:
+                   test_artifact: str | None = None, trained: dict | None = None) -> dict:
     """Train ``cfg.adapter.variant`` (or evaluate the ID model for ``id_only``), then test once.
 
     ``test_artifact``: test the trained adapter on this ID model instead (a refit of ``artifact``);
-    the record then holds the validation of both, every user (``valid_base``, ``valid``)."""
+    the record then holds the validation of both, every user (``valid_base``, ``valid``).
+    ``trained``: {run name: Train result} of the runs this job has finished already; a row whose run
+    is among them (the same adapter scored another way) takes its result instead of relaunching the
+    finished run (a Train controller, workers and a restore that train nothing), and adds its own."""
     from idle_ray.train import builders
     from idle_ray.train.evaluate import evaluate, evaluate_adapter
     from idle_ray.train.launch import best_weights, ensure_ray, run_training
@@ -100,9 +103,13 @@ def train_and_test(cfg: ExperimentConfig, prepared: PreparedDataset, artifact: s
     record["llm_dtype"] = str(builders.llm_dtype(cfg)).removeprefix("torch.")  # as resolved on the driver
     t0 = time.time()
     name = run_name(cfg)
-    result = run_training(cfg, prepared, task="adapter", run_name=name, id_artifact=artifact)
-    if result.error:
-        raise result.error
+    result = (trained or {}).get(name)
+    if result is None:
+        result = run_training(cfg, prepared, task="adapter", run_name=name, id_artifact=artifact)
+        if result.error:
+            raise result.error
+        if trained is not None:
+            trained[name] = result
     ckpt = result.checkpoint
     record.update(run=name, train_seconds=round(time.time() - t0, 1), checkpoint=uri(ckpt.filesystem, ckpt.path),
                   best_val_ndcg_at_10=result.metrics.get("best_val_ndcg@10"), epochs=result.metrics.get("epoch"),
