@@ -9,28 +9,17 @@ reads, ``user % world`` shares), the initialisation and the arithmetic are the s
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_jobs import TINY_TRAIN_JOB, run_job, write_tiny_config, write_tiny_data
-
-
-def _run(tmp_path, tag: str) -> dict:
-    inter, items = write_tiny_data(tmp_path / "input")
-    work = tmp_path / tag
-    cfg = write_tiny_config(tmp_path / f"{tag}.yaml", inter, items, work, str(work / "runs"), **TINY_TRAIN_JOB)
-    r = run_job("train.py", "--config", cfg, "--output", work / "result.json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads((work / "result.json").read_text())
+from tiny_jobs import TINY_TRAIN_JOB, train_tiny
 
 
 @pytest.mark.timeout(1800)  # two whole jobs, each starting its own Ray
 def test_two_fresh_runs_give_identical_metrics(tiny_train_job, tmp_path):
     first, _, a = tiny_train_job
-    b = _run(tmp_path, "second")
+    _, b = train_tiny(tmp_path / "second", **TINY_TRAIN_JOB)  # its own input, data, artifact and runs
     assert a["torch_threads"] == b["torch_threads"] == 1  # recorded with the result
     assert a["steps"] == b["steps"] > 0
     assert a["best_val_ndcg_at_10"] == pytest.approx(b["best_val_ndcg_at_10"], abs=1e-6)
