@@ -96,10 +96,9 @@ def sequence_blocks(prepared: PreparedDataset) -> int:
 
 def sequence_dataset(prepared: PreparedDataset, passes: int = 1) -> ray.data.Dataset:
     """The training feed's dataset: user sequences in :func:`sequence_blocks` blocks a pass, in shard
-    order (``passes`` times over); the worker windows them (:mod:`idle_ray.data.feed`)."""
-    files, blocks = prepared.shard_files, sequence_blocks(prepared)
-    ds = read_sequences(files, num_blocks=blocks)
-    return ds.union(*[read_sequences(files, num_blocks=blocks) for _ in range(passes - 1)]) if passes > 1 else ds
+    order; the worker windows them (:mod:`idle_ray.data.feed`). ``passes > 1`` (benchmarks): one
+    read of the shard list repeated (a union of reads adds operators and seconds before the first block)."""
+    return read_sequences(prepared.shard_files * passes, num_blocks=sequence_blocks(prepared) * passes)
 
 
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
