@@ -110,3 +110,39 @@ def test_feed_gives_the_same_batches_in_the_same_order_as_before(ray_local, tiny
         assert flat == sorted(zip(*[np.concatenate([r[k] for r in ref]).tolist() for k in ("user", "target")]))
     finally:
         ctx.execution_options.preserve_order = was
+
+
+def _rows(batches):
+    """Samples of a stream as comparable tuples, in stream order."""
+    return [(u, t, tuple(h)) for b in batches for u, t, h in zip(b["user"].tolist(), b["target"].tolist(),
+                                                                b["history"].tolist())]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"windows": True}, {"targets_per_user": 2},
+                                    {"holdout": "drawn"}])
+def test_sequence_feed_gives_each_rank_its_samples_in_a_seeded_order(ray_local, tiny_prepared, kwargs):
+    """The training feed (sequences through Ray Data, windowed by the consumer): each rank of two gets
+    exactly its users' samples (``user % 2``), both together the single-process reader's; a seed gives
+    the same batches however the blocks arrive (no order preservation), another seed another order;
+    without a seed, the local reader's samples in order, re-batched."""
+    from idle_ray.data.feed import Windowing, sample_batches, shuffled_batches
+    from idle_ray.data.pipeline import sequence_dataset
+    from idle_ray.data.samples import Holdout, build_samples
+    if kwargs.get("holdout") == "drawn":
+        kwargs = {"holdout": Holdout(2, 4, seed=5, adapter=True)}
+    spec = Windowing("train", 4, **kwargs)
+    blocks = lambda: sequence_dataset(tiny_prepared).iter_batches(batch_size=None, batch_format="pyarrow")  # noqa: E731
+    import pyarrow.parquet as pq
+    tables = [pq.read_table(f, columns=["user", "items"]) for f in tiny_prepared.shard_files]
+    local = [build_samples(t, "train", 4, spec.targets_per_user, spec.windows, holdout=spec.holdout) for t in tables]
+    ranks = [_rows(sample_batches(blocks(), spec.for_rank(r, 2), 8, seed=11)) for r in range(2)]
+    assert all(u % 2 == r for r in range(2) for u, _, _ in ranks[r]) and all(ranks)
+    assert sorted(ranks[0] + ranks[1]) == sorted(_rows(local))
+    assert len(ranks[0]) + len(ranks[1]) == len(_rows(local))
+    assert _rows(sample_batches(reversed(tables), spec.for_rank(0, 2), 8, seed=11, users=3)) == ranks[0]
+    assert _rows(sample_batches(blocks(), spec.for_rank(0, 2), 8, seed=12)) != ranks[0]
+    # world size 1 with a seed: exactly the standalone worker's order (LocalContext)
+    whole = {k: np.concatenate([p[k] for p in local]) for k in local[0]}
+    assert _rows(sample_batches(blocks(), spec, 8, seed=11)) == _rows(shuffled_batches(whole, 8, 11))
+    ordered = list(sample_batches(reversed(tables), spec, 5, users=3))
+    assert all(len(b["target"]) == 5 for b in ordered[:-1]) and _rows(ordered) == _rows(local[::-1])

@@ -1,9 +1,11 @@
 """Ray Data pipelines streaming prepared shards into training and evaluation workers.
 
-``read_parquet(sequences/) -> map_batches(SampleBuilder) [-> map_batches(extra stage, e.g.
-prompt tokenisation)]``.  Datasets are lazy and streamed: pass them to ``TorchTrainer(datasets=...)``
-and consume with ``ray.train.get_dataset_shard(split).iter_torch_batches(...)`` inside the
-worker; nothing materialises the full dataset on one node.
+Training without a prompt stage: ``sequence_dataset`` (``read_parquet(sequences/)``, user sequences),
+windowed by the worker that consumes it (:mod:`idle_ray.data.feed`). Otherwise ``split_dataset``:
+``read_parquet(sequences/) -> map_batches(sample_block) [-> map_batches(extra stage, e.g. prompt
+tokenisation)]``. Datasets are lazy and streamed: pass them to ``TorchTrainer(datasets=...)`` and
+consume them with ``ray.train.get_dataset_shard(split)`` inside the worker; nothing materialises the
+full dataset on one node.
 """
 from __future__ import annotations
 
@@ -51,12 +53,61 @@ def _as_arrow_block(fn):
     return stage
 
 
+def read_sequences(files: list[str], shuffle=None, num_blocks: int | None = None) -> ray.data.Dataset:
+    """The ``user, items`` columns of the sequence shards (paths or URIs: read tasks on any node open them).
+
+    ``num_blocks``: read tasks (and blocks); ``None`` lets Ray choose (it splits small files into more
+    blocks, and so more tasks, to reach its default parallelism).
+    """
+    import ray.data
+
+    # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
+    # The V2 Parquet path lists files in a task that asks a whole CPU whatever num_cpus says,
+    # which never schedules once Train workers (or several Tune trials) hold the rest; we list
+    # the shards ourselves, so the V1 reader (one 0.1-CPU task per shard) is enough.
+    ctx = ray.data.DataContext.get_current()
+    was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, shuffle=shuffle, num_cpus=DATA_CPUS, override_num_blocks=num_blocks
+                                     ).select_columns(["user", "items"])
+    finally:
+        ctx.use_datasource_v2 = was
+
+
+def sequence_blocks(prepared: PreparedDataset) -> int:
+    """Read tasks per pass over the sequences: as few as Ray's target block size allows (ML-1M's
+    sequences, ~4 MB in memory, are one block), at most one per shard.
+
+    Why: a Ray Data task costs scheduling and a hand-over that, on a busy node, take far longer than
+    reading a shard (ML-1M, 2 shared CPUs: 7 tasks a pass ran at 0.13x the single-process reader,
+    1 task at 0.77x; README, "Data pipeline benchmark").
+    """
+    import math
+
+    import ray.data
+    files = prepared.shard_files
+    stats = prepared.manifest.get("stats", {})
+    if "interactions" not in stats:
+        return len(files)
+    in_memory = 4 * stats["interactions"] + 12 * stats.get("users", 0)  # int32 items; user + list offset
+    target = ray.data.DataContext.get_current().target_max_block_size or 128 * 1024 ** 2
+    return max(1, min(len(files), math.ceil(in_memory / target)))
+
+
+def sequence_dataset(prepared: PreparedDataset, passes: int = 1) -> ray.data.Dataset:
+    """The training feed's dataset: user sequences in :func:`sequence_blocks` blocks a pass, in shard
+    order; the worker windows them (:mod:`idle_ray.data.feed`). ``passes > 1`` (benchmarks): one
+    read of the shard list repeated (a union of reads adds operators and seconds before the first block)."""
+    return read_sequences(prepared.shard_files * passes, num_blocks=sequence_blocks(prepared) * passes)
+
+
 def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targets_per_user: int = 0,
                   extra_stage: tuple[type, dict] | None = None, batch_size: int = 256,
                   shuffle: bool | None = None, passes: int = 1, windows: bool = False,
                   max_user: int = 0, seed: int | None = None, holdout=0, rank: int = 0,
                   world: int = 1, users=None) -> ray.data.Dataset:
-    """One split as a lazy ``ray.data.Dataset`` of model-ready samples.
+    """One split as a lazy ``ray.data.Dataset`` of model-ready samples (evaluation, recommendations,
+    and training with a prompt stage; training without one windows in the worker, :func:`sequence_dataset`).
 
     ``extra_stage``: ``(function, kwargs)`` applied after windowing (e.g. prompt tokenisation).
     ``shuffle`` (default: train only) without ``seed`` randomises the file order (the consumer
@@ -86,22 +137,9 @@ def split_dataset(prepared: PreparedDataset, split: str, max_history: int, targe
         shuffle_files = "files"
     elif shuffle and windows:
         shuffle_files = ray.data.FileShuffleConfig(seed=seed)
-    def read():
-        # Fractional CPUs: reads must still schedule next to train workers that hold most cores.
-        # The V2 Parquet path lists files in a task that asks a whole CPU whatever num_cpus says,
-        # which never schedules once Train workers (or several Tune trials) hold the rest; we list
-        # the shards ourselves, so the V1 reader (one 0.1-CPU task per shard) is enough.
-        ctx = ray.data.DataContext.get_current()
-        was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-        try:
-            return ray.data.read_parquet(files, shuffle=shuffle_files, num_cpus=DATA_CPUS
-                                         ).select_columns(["user", "items"])
-        finally:
-            ctx.use_datasource_v2 = was
-
-    ds = read()
+    ds = read_sequences(files, shuffle_files)
     if passes > 1:
-        ds = ds.union(*[read() for _ in range(passes - 1)])
+        ds = ds.union(*[read_sequences(files, shuffle_files) for _ in range(passes - 1)])
     # Windowing is cheap and stateless: plain tasks, so it scales with the cluster's CPUs.
     ds = ds.map_batches(sample_block, fn_kwargs={
         "split": split, "max_history": max_history, "targets_per_user": targets_per_user, "windows": windows,

@@ -29,19 +29,29 @@ def to_tensors(batch: dict, device) -> dict:
 
 
 class RayContext:
-    """Data and reporting through Ray Train."""
+    """Data and reporting through Ray Train.
 
-    def __init__(self):
+    ``feeds``: ``{split: Windowing}`` for the datasets that carry user sequences
+    (:func:`~idle_ray.data.pipeline.sequence_dataset`), windowed here into this rank's samples
+    (:mod:`idle_ray.data.feed`); any other split's dataset carries samples already.
+    """
+
+    def __init__(self, feeds: dict | None = None):
         import ray.train
         self.train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.feeds = {k: w.for_rank(self.rank, self.world) for k, w in (feeds or {}).items()}
 
     def batches(self, split: str, batch_size: int, seed: int | None = None):
-        # Training: this rank's own dataset (users with user % world == rank, globally shuffled with a
-        # fixed seed; see launch.run_training), so the stream is the same in every run.
+        # Training: this rank's own dataset, so the stream is the same in every run (see launch.run_training).
         name = f"{split}_{self.rank}" if split == "train" else split
         shard = self.train.get_dataset_shard(name)
+        if split in self.feeds:  # sequences: windowed here, a seeded global shuffle of this rank's share
+            from idle_ray.data.feed import sample_batches
+            blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+            yield from sample_batches(blocks, self.feeds[split], batch_size, seed)
+            return
         kw = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
         yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kw)
 
@@ -80,12 +90,16 @@ class LocalContext:
         holdout = self.holdout if split == "train" else 0
         blocks = list(local_numpy_reader(self.prepared, split, d.max_history, targets, windows=self.windows,
                                          holdout=holdout))
-        block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]} if blocks else {}
-        n = len(block.get("target", ()))
-        order = np.random.default_rng(seed).permutation(n) if seed is not None else np.arange(n)  # global shuffle
-        for lo in range(0, n, batch_size):
-            idx = order[lo:lo + batch_size]
-            b = {k: v[idx] for k, v in block.items()}
+        if not blocks:
+            return
+        block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+        if seed is not None:  # the seeded global shuffle of the Ray feed (the same batches as world size 1 there)
+            from idle_ray.data.feed import shuffled_batches
+            batches = shuffled_batches(block, batch_size, seed)
+        else:
+            batches = ({k: v[lo:lo + batch_size] for k, v in block.items()}
+                       for lo in range(0, len(block["target"]), batch_size))
+        for b in batches:
             yield self.stage(b) if self.stage else b
 
     def get_checkpoint(self):

@@ -11,7 +11,8 @@ import os
 import ray
 
 from idle_ray.config import ConfigError, ExperimentConfig, to_dict
-from idle_ray.data.pipeline import split_dataset
+from idle_ray.data.feed import Windowing
+from idle_ray.data.pipeline import sequence_dataset, split_dataset
 from idle_ray.data.prepare import PreparedDataset
 from idle_ray.train import builders
 from idle_ray.train import storage as run_storage
@@ -85,16 +86,24 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     # and read in order: the same samples reach the same rank in the same order in every run.
     windows = pre and cfg.pretrain.sample_mode == "window"
     targets, holdout = builders.train_selection(cfg, pre)
-    datasets = {f"train_{rank}": split_dataset(
-        prepared, "train", d.max_history, targets, extra_stage=stage,
-        windows=windows, seed=cfg.seed, holdout=holdout, rank=rank,
-        world=workers) for rank in range(workers)}
+    feeds = {}
+    if stage is None:
+        # Ray Data moves the user sequences; each worker windows its share (idle_ray.data.feed):
+        # a fraction of the data and tasks of windowing in Ray (README, "Data pipeline benchmark").
+        feeds["train"] = Windowing("train", d.max_history, targets, windows, holdout, world=workers)
+        datasets = {f"train_{rank}": sequence_dataset(prepared) for rank in range(workers)}
+    else:
+        # Prompt tokenisation (the costly part) stays in Ray Data tasks, off the training loop.
+        datasets = {f"train_{rank}": split_dataset(
+            prepared, "train", d.max_history, targets, extra_stage=stage,
+            windows=windows, seed=cfg.seed, holdout=holdout, rank=rank,
+            world=workers) for rank in range(workers)}
     datasets["valid"] = split_dataset(prepared, "valid", d.max_history, extra_stage=stage)
     run_dir = run_storage.join(storage, run_name)  # a folder or a URI: the worker reads both
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers)
     loop_config = {"experiment": to_dict(cfg), "task": task, "prepared": str(prepared.path),
                    "id_artifact": str(id_artifact) if id_artifact else None, "run_dir": run_dir,
-                   "fail_at_step": fail_at_step,
+                   "fail_at_step": fail_at_step, "feeds": feeds,
                    # intra-op threads: the config's, else the node's cores shared by its workers
                    "torch_threads": threads}
     trainer = TorchTrainer(

@@ -13,7 +13,8 @@ shards, for profiling on one GPU or debugging.
 ``config`` (plain, picklable): ``experiment`` (the ExperimentConfig as a dict), ``task``
 ("pretrain" | "adapter"), ``prepared`` (prepared dataset folder), ``id_artifact`` (adapter
 task), ``run_dir`` (the run's folder or URI under ``train.storage_path``: TensorBoard logs,
-older checkpoints to fall back to), optional ``fail_at_step`` (fault tests).
+older checkpoints to fall back to), optional ``fail_at_step`` (fault tests), optional ``feeds``
+(``{split: Windowing}``: datasets of user sequences the worker windows, see ``contexts.RayContext``).
 
 The pieces: ``loop`` (the training loop), ``contexts`` (Ray Train or local data and reports),
 ``steps`` (device, engine, one step), ``validation`` (metrics in the workers), ``checkpoints``.
@@ -48,7 +49,7 @@ def train_fn_per_worker(config: dict) -> dict:
     prepared = load_prepared(config["prepared"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
     model = _build_task(config, cfg, prepared)
-    return train_loop(config, RayContext(), cfg, prepared, model)
+    return train_loop(config, RayContext(config.get("feeds")), cfg, prepared, model)
 
 
 def local_stage(task: str, cfg: ExperimentConfig, prepared):
