@@ -70,6 +70,9 @@ class DataConfig:
     max_history: int = _f(50, "Items in the history window given to the ID model (left-padded).", min=1, max=1000)
     train_targets_per_user: int = _f(0, "Training samples per user: 0 = one per target position "
                                      "(RecBole-style prefix augmentation); n > 0 = the last n positions only.", min=0)
+    shuffle_samples: int = _f(1 << 20, "Training samples a worker shuffles together (the feed's seeded shuffle, "
+                              "held in memory: ~(2 max_history + 3) x 4 bytes each for windows). A worker's whole "
+                              "share when it fits (a global shuffle), else consecutive runs of this many.", min=1)
 
 
 @dataclass

@@ -125,7 +125,9 @@ def test_sequence_feed_gives_each_rank_its_samples_in_a_seeded_order(ray_local, 
     exactly its users' samples (``user % 2``), both together the single-process reader's; a seed gives
     the same batches however the blocks arrive (no order preservation), another seed another order;
     without a seed, the local reader's samples in order, re-batched."""
-    from idle_ray.data.feed import Windowing, sample_batches, shuffled_batches
+    from dataclasses import replace
+
+    from idle_ray.data.feed import Windowing, sample_batches, seeded_batches, shuffled_batches
     from idle_ray.data.pipeline import sequence_dataset
     from idle_ray.data.samples import Holdout, build_samples
     if kwargs.get("holdout") == "drawn":
@@ -146,3 +148,13 @@ def test_sequence_feed_gives_each_rank_its_samples_in_a_seeded_order(ray_local, 
     assert _rows(sample_batches(blocks(), spec, 8, seed=11)) == _rows(shuffled_batches(whole, 8, 11))
     ordered = list(sample_batches(reversed(tables), spec, 5, users=3))
     assert all(len(b["target"]) == 5 for b in ordered[:-1]) and _rows(ordered) == _rows(local[::-1])
+    # A shuffle buffer smaller than the share: consecutive runs of 16 samples of the stream, each
+    # shuffled, the batches full; the standalone worker's order for the same stream
+    small = replace(spec.for_rank(0, 2), shuffle_samples=19)  # rounded down to 2 batches of 8
+    stream = _rows(sample_batches(tables, small, 8))
+    runs = _rows(sample_batches(tables, small, 8, seed=11, users=3))
+    assert len(stream) > 32 and len(runs) == len(stream) and runs != stream
+    assert all(sorted(runs[i:i + 16]) == sorted(stream[i:i + 16]) for i in range(0, len(stream), 16))
+    assert all(len(b["target"]) == 8 for b in list(sample_batches(tables, small, 8, seed=11))[:-1])
+    mine = [{k: v[v_rank] for k, v in p.items()} for p in local for v_rank in [p["user"] % 2 == 0]]
+    assert _rows(seeded_batches(mine, 8, 11, 19)) == runs

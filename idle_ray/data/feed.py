@@ -19,7 +19,8 @@ from idle_ray.data.samples import Holdout, build_samples
 @dataclass(frozen=True)
 class Windowing:
     """What a worker makes of a block of sequences: :func:`~idle_ray.data.samples.build_samples`'
-    arguments. ``rank``/``world``: only the users with ``user % world == rank`` (a worker's share)."""
+    arguments. ``rank``/``world``: only the users with ``user % world == rank`` (a worker's share).
+    ``shuffle_samples``: the seeded shuffle's buffer (``data.shuffle_samples``, :func:`seeded_batches`)."""
     split: str
     max_history: int
     targets_per_user: int = 0
@@ -27,6 +28,7 @@ class Windowing:
     holdout: int | Holdout = 0
     rank: int = 0
     world: int = 1
+    shuffle_samples: int = 1 << 20
 
     def for_rank(self, rank: int, world: int) -> Windowing:
         return replace(self, rank=rank, world=world)
@@ -41,14 +43,40 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def shuffled_batches(columns: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterator[dict]:
-    """Batches of a whole set of samples in a seeded global order: the samples in canonical order
-    (by user, then position: however the blocks arrived), then ``default_rng(seed).permutation``."""
+def shuffled_batches(columns: dict[str, np.ndarray], batch_size: int, seed) -> Iterator[dict]:
+    """Batches of a set of samples in a seeded order: the samples in canonical order (by user, then
+    position: however the blocks arrived), then ``default_rng(seed).permutation`` (``seed``: an int or a
+    ``numpy.random.Generator``, which is used as it is)."""
     n = len(columns["target"])
     order = np.argsort(columns["user"], kind="stable")[np.random.default_rng(seed).permutation(n)]
     for lo in range(0, n, batch_size):
         idx = order[lo:lo + batch_size]
         yield {k: v[idx] for k, v in columns.items()}
+
+
+def seeded_batches(parts: Iterable[dict], batch_size: int, seed: int, buffer: int) -> Iterator[dict]:
+    """Batches of a stream of sample parts, shuffled with a seed in memory-bounded runs.
+
+    The stream is cut into runs of exactly ``buffer`` samples (rounded down to whole batches, at least
+    one batch), each shuffled by :func:`shuffled_batches` with one generator ``default_rng(seed)``
+    drawn in turn: when the whole share fits (ML-1M: ~0.5M samples per worker of two, under the
+    default 1M) that is a global shuffle independent of how the stream was split into parts; beyond
+    it, memory stays at one run (~``buffer x (2 max_history + 3) x 4`` bytes for windows) and the
+    order depends on the stream's order, which the training feed keeps (``preserve_order``, shards
+    read in order). Every batch but the last overall is full.
+    """
+    cut = max(1, buffer // batch_size) * batch_size
+    rng = np.random.default_rng(seed)
+    pending, held = [], 0
+    for part in parts:
+        pending.append(part)
+        held += len(part["target"])
+        while held >= cut:
+            whole = _concat(pending) if len(pending) > 1 else pending[0]
+            yield from shuffled_batches({k: v[:cut] for k, v in whole.items()}, batch_size, rng)
+            pending, held = [{k: v[cut:] for k, v in whole.items()}], held - cut
+    if held:
+        yield from shuffled_batches(_concat(pending) if len(pending) > 1 else pending[0], batch_size, rng)
 
 
 def _parts(blocks: Iterable, windowing: Windowing, users: int) -> Iterator[dict]:
@@ -64,14 +92,11 @@ def sample_batches(blocks: Iterable, windowing: Windowing, batch_size: int,
     """Batches of ``batch_size`` samples (the last one shorter) from blocks of sequences.
 
     ``seed=None``: streamed, in the order the blocks arrive (``users`` sequences' samples in memory).
-    A ``seed``: a seeded global shuffle of the share (:func:`shuffled_batches`); the share's samples
-    are held in memory for it (ML-1M: ~100 MB per worker of two), and the order does not depend on
-    block arrival order.
+    A ``seed``: :func:`seeded_batches` over ``windowing.shuffle_samples`` samples at a time (the whole
+    share of ML-1M, ~100 MB per worker of two).
     """
     if seed is not None:
-        parts = list(_parts(blocks, windowing, users))
-        if parts:
-            yield from shuffled_batches(_concat(parts), batch_size, seed)
+        yield from seeded_batches(_parts(blocks, windowing, users), batch_size, seed, windowing.shuffle_samples)
         return
     carry = None  # the last samples of the previous part, fewer than a batch
     for part in _parts(blocks, windowing, users):

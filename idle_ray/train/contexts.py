@@ -92,11 +92,11 @@ class LocalContext:
                                          holdout=holdout))
         if not blocks:
             return
-        block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
-        if seed is not None:  # the seeded global shuffle of the Ray feed (the same batches as world size 1 there)
-            from idle_ray.data.feed import shuffled_batches
-            batches = shuffled_batches(block, batch_size, seed)
+        if seed is not None:  # the Ray feed's seeded shuffle (the same batches as world size 1 there)
+            from idle_ray.data.feed import seeded_batches
+            batches = seeded_batches(blocks, batch_size, seed, d.shuffle_samples)
         else:
+            block = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
             batches = ({k: v[lo:lo + batch_size] for k, v in block.items()}
                        for lo in range(0, len(block["target"]), batch_size))
         for b in batches:

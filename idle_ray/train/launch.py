@@ -90,7 +90,8 @@ def run_training(cfg: ExperimentConfig, prepared: PreparedDataset, *, task: str,
     if stage is None:
         # Ray Data moves the user sequences; each worker windows its share (idle_ray.data.feed):
         # a fraction of the data and tasks of windowing in Ray (README, "Data pipeline benchmark").
-        feeds["train"] = Windowing("train", d.max_history, targets, windows, holdout, world=workers)
+        feeds["train"] = Windowing("train", d.max_history, targets, windows, holdout, world=workers,
+                                   shuffle_samples=d.shuffle_samples)
         datasets = {f"train_{rank}": sequence_dataset(prepared) for rank in range(workers)}
     else:
         # Prompt tokenisation (the costly part) stays in Ray Data tasks, off the training loop.
