@@ -8,7 +8,8 @@ items, ties and duplicates; see :mod:`idle_ray.data.synthetic`) under ``--work``
 prepares it in its own process (``jobs/prepare.py --no-stream``), one at a time: wall time,
 rows/s, CPU seconds (user + system: what the run cost, whatever else the machine ran), the peak
 RSS of the process tree (sampled every 0.1 s, and the kernel's peak of the largest process), the
-prepared folder's size. ``legacy`` is ``jobs/prepare.py`` of the commit
+prepared folder's size; the job's log is kept as ``--work/prepare-<engine>-<rows>.log`` (the local
+engine logs its peak RSS after each pass). ``legacy`` is ``jobs/prepare.py`` of the commit
 ``--legacy-ref`` (checked out once as a detached ``git worktree`` under ``--work``), run up to
 ``--legacy-max`` rows; where both ran, their prepared folders are compared file by file. Data and
 outputs are deleted after each size (``--keep`` keeps them).
@@ -115,6 +116,7 @@ def main(argv=None):
                 if engine != "legacy":
                     cmd += ["--set", f"data.engine={engine}"]
                 r = run_measured(cmd, tree)
+                (work / f"prepare-{engine}-{n}.log").write_text(r["output"])  # the job's per-pass peak RSS lines
                 folders[engine] = prepared_folder(out)
                 m = json.loads((folders[engine] / "manifest.json").read_text())
                 row = {"interactions": n, "engine": engine, "wall_s": round(r["wall_s"], 1),

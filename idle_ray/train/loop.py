@@ -182,7 +182,7 @@ def _train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model, best_
 
     while state["epoch"] < epochs and not done and state["bad_epochs"] < patience:
         model.train()
-        acc = {}
+        acc, steps_log = {}, 0  # loss parts summed over the steps since the last log line
         t_log, n_log = time.perf_counter(), 0
         t_epoch = t_log
         # A step checkpoint resumes mid-epoch: the epoch's stream is the same (seeded), its first
@@ -203,6 +203,7 @@ def _train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model, best_
                 timed["tokens"] += int(batch["attention_mask"].sum()) * ctx.world if "attention_mask" in batch else 0
                 timed["t1"] = time.perf_counter()
             n_log += n
+            steps_log += 1
             samples_seen += n
             for k, v in out.items():
                 if v.dim() == 0:
@@ -212,9 +213,9 @@ def _train_loop(config: dict, ctx, cfg: ExperimentConfig, prepared, model, best_
             if fail_at is not None and state["step"] == fail_at and ctx.rank == ctx.world - 1:
                 crash_once(config["run_dir"])
             if state["step"] % tr.log_every == 0 or state["step"] == total_steps:
-                log_train(ctx, tb, state, total_steps, batch_size, {k: v / tr.log_every for k, v in acc.items()},
+                log_train(ctx, tb, state, total_steps, batch_size, {k: v / steps_log for k, v in acc.items()},
                           n_log, time.perf_counter() - t_log)
-                acc, t_log, n_log = {}, time.perf_counter(), 0
+                acc, steps_log, t_log, n_log = {}, 0, time.perf_counter(), 0
             if tr.max_steps and state["step"] >= tr.max_steps:
                 done = True
                 break
