@@ -123,10 +123,12 @@ class PretrainConfig:
 @dataclass
 class LLMConfig:
     backbone: str = _f("smollm2-135m", "'smollm2-135m', 'smollm2-135m-random' (its architecture, random "
-                       "weights: throughput runs), 'minilm-l6', 'tiny-decoder', 'tiny-gpt2', "
+                       "weights: throughput runs), 'minilm-l6', 'gemma3-270m' and 'mpnet-base' (optional: "
+                       "bash scripts/setup_backbones.sh; Gemma terms of use apply), 'tiny-decoder', 'tiny-gpt2', "
                        "'tiny-encoder', or a local Hugging Face model folder.")
-    cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray); for "
-                        "'smollm2-135m-random' a folder holding its config.json and tokenizer also works.")
+    cache_dir: str = _f("", "Where the dequantised GGUF weights (SmolLM2, Gemma-3) and the unpacked all-mpnet-base-v2 "
+                        "are cached (empty: ~/.cache/idle_ray/backbones); for 'smollm2-135m-random' a folder holding "
+                        "its config.json and tokenizer also works.")
     dtype: str = _f("float32", "The frozen LLM's dtype (the adapter and the ID model stay float32). 'auto': "
                     "bfloat16 on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 / AMX-BF16), else "
                     "float32; the main job's records note it (llm_dtype, as resolved on the driver).",
