@@ -15,6 +15,7 @@ from torch import nn
 
 from idle_ray.llm import backbone as backbone_module
 from idle_ray.llm.backbone import find_layers, load_backbone, load_tokenizer
+from idle_ray.llm.catalog import BACKBONES
 
 TINY = {"tiny-decoder": ("decoder", "LlamaModel"), "tiny-gpt2": ("decoder", "GPT2Model"),
         "tiny-encoder": ("encoder", "BertModel")}
@@ -131,7 +132,7 @@ def test_packaged_encoder_loads_offline_and_embeds_sensibly(name, layers, hidden
     start = time.perf_counter()
     bb = load_backbone(name, cache_dir=str(tmp_path))
     assert (bb.kind, bb.num_layers, bb.hidden_size) == ("encoder", layers, hidden)
-    assert sum(p.numel() for p in bb.model.parameters()) == params
+    assert sum(p.numel() for p in bb.model.parameters()) == params == BACKBONES[name][2]  # Figure 2's size label
     assert time.perf_counter() - start < 20
     texts = ["a film about astronauts in space", "a movie about a space mission", "how to file income tax"]
     enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
@@ -150,6 +151,7 @@ def test_smollm2_loads_caches_atomically_and_predicts_text(tmp_path):
     first = time.perf_counter() - start
     assert bb.kind == "decoder" and bb.num_layers == 30 and bb.hidden_size == 576
     assert all(not p.requires_grad for p in bb.model.parameters())
+    assert sum(p.numel() for p in bb.model.parameters()) == BACKBONES["smollm2-135m"][2] == 134_515_008
     cached = [p for p in tmp_path.iterdir()]
     assert len(cached) == 1 and not cached[0].name.startswith(".tmp-")
     assert (cached[0] / "model.safetensors").is_file()

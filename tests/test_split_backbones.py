@@ -25,6 +25,7 @@ from conftest import installed
 from idle_ray.llm import backbone as backbone_module
 from idle_ray.llm import split_assets
 from idle_ray.llm.backbone import load_backbone, load_tokenizer
+from idle_ray.llm.catalog import BACKBONES
 from idle_ray.llm.split_assets import GEMMA3_ASSET, MPNET_ASSET, AssetError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -334,7 +335,7 @@ def test_extract_folder_refuses_a_zip_without_one_top_folder_or_with_unsafe_name
 def test_real_gemma3_loads_and_predicts_text(tmp_path):
     bb = load_backbone("gemma3-270m", cache_dir=str(tmp_path))
     assert (bb.kind, bb.num_layers, bb.hidden_size) == ("decoder", 18, 640)
-    assert sum(p.numel() for p in bb.model.parameters()) == 268_098_176
+    assert sum(p.numel() for p in bb.model.parameters()) == BACKBONES["gemma3-270m"][2] == 268_098_176
     ids = bb.tokenizer("The capital of France is the city of", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         hidden = bb.model(input_ids=ids).last_hidden_state[0, -1]
