@@ -123,10 +123,12 @@ class PretrainConfig:
 @dataclass
 class LLMConfig:
     backbone: str = _f("smollm2-135m", "'smollm2-135m', 'smollm2-135m-random' (its architecture, random "
-                       "weights: throughput runs), 'minilm-l6', 'tiny-decoder', 'tiny-gpt2', "
+                       "weights: throughput runs), 'minilm-l6', 'gemma3-270m' and 'mpnet-base' (optional: "
+                       "bash scripts/setup_backbones.sh; Gemma terms of use apply), 'tiny-decoder', 'tiny-gpt2', "
                        "'tiny-encoder', or a local Hugging Face model folder.")
-    cache_dir: str = _f("", "Where the dequantised GGUF weights are cached (empty: ~/.cache/idle_ray); for "
-                        "'smollm2-135m-random' a folder holding its config.json and tokenizer also works.")
+    cache_dir: str = _f("", "Where the dequantised GGUF weights (SmolLM2, Gemma-3) and the unpacked all-mpnet-base-v2 "
+                        "are cached (empty: ~/.cache/idle_ray/backbones); for 'smollm2-135m-random' a folder holding "
+                        "its config.json and tokenizer also works.")
     dtype: str = _f("float32", "The frozen LLM's dtype (the adapter and the ID model stay float32). 'auto': "
                     "bfloat16 on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 / AMX-BF16), else "
                     "float32; the main job's records note it (llm_dtype, as resolved on the driver).",
@@ -262,7 +264,12 @@ class StudyConfig:
     rows: list = _f(None, "Table 1 rows, from " + ", ".join(STUDY_ROWS) + ".", factory=lambda: list(STUDY_ROWS))
     prompt_lengths: list = _f(None, "Figure 3's axis: prompt lengths k of IDLE on the first ID model (empty: no "
                               "Figure 3).", factory=lambda: [1, 2, 4, 8, 16, 32])
-    out_dir: str = _f("results/study", "Outputs go to <out_dir>/<name>/ (table1.md, fig3.png, results.json).")
+    backbones: list = _f(None, "Figure 2's axis: LLM backbones (llm.backbone values) on each of which IDLE (first ID "
+                         "model, adapter.prompt_length) and LLM-only run (those of the two in study.rows), e.g. [smollm2-135m, gemma3-270m, minilm-l6, "
+                         "mpnet-base] (the optional ones: bash scripts/setup_backbones.sh); empty: llm.backbone alone. "
+                         "The llm.backbone points are Table 1's cells, trained once.", factory=list)
+    out_dir: str = _f("results/study", "Outputs go to <out_dir>/<name>/ (table1.md, fig2.png, fig3.png, fig4.png, "
+                      "results.json).")
     bootstrap_resamples: int = _f(10_000, "Resamples of the paired per-user bootstrap (IDLE minus the best "
                                   "baseline).", min=1)
 
@@ -426,6 +433,8 @@ def _validate_study(s: StudyConfig, source: str) -> None:
     listed("rows", lambda v: v in STUDY_ROWS, "a non-empty list of distinct rows from " + ", ".join(STUDY_ROWS))
     listed("prompt_lengths", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 32,
            "distinct integers in [1, 32] (adapter.prompt_length's range), or [] for no Figure 3", empty_ok=True)
+    listed("backbones", lambda v: isinstance(v, str) and bool(v.strip()),
+           "distinct llm.backbone names, e.g. [smollm2-135m, minilm-l6], or [] for llm.backbone alone", empty_ok=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -20,6 +20,16 @@ def single_torch_thread():
     torch.set_num_threads(before)
 
 
+def installed(package: str) -> bool:
+    """Whether the distribution ``package`` is installed (optional asset packages: tests skip without them)."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end checks (run with -m slow)")
 

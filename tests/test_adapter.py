@@ -26,18 +26,39 @@ NUM_ITEMS = 20
 TITLES = ["<pad>"] + [f"movie {i}" for i in range(1, NUM_ITEMS + 1)]
 TEMPLATE = "A user watched: {history}. {id_tokens} Next is"
 TINY = ["tiny-decoder", "tiny-gpt2", "tiny-encoder"]
+# Figure 2's other architectures (Gemma-3, MPNet), tiny and random, built here: the real ones are optional
+FAMILIES = ["tiny-gemma3", "tiny-mpnet"]
 K = 3
 # where each tiny block's own input goes first: a pre-hook there sees the layer input *after*
 # the adapter's replacement (the adapter's own pre-hooks are registered later, run later)
-FIRST_CHILD = {"tiny-decoder": "input_layernorm", "tiny-gpt2": "ln_1", "tiny-encoder": "attention"}
+FIRST_CHILD = {"tiny-decoder": "input_layernorm", "tiny-gpt2": "ln_1", "tiny-encoder": "attention",
+               "tiny-gemma3": "input_layernorm", "tiny-mpnet": "attention"}
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
+def tiny_family(name):
+    """A 2-layer random Gemma-3 (sliding window 16: shorter than the prompts) or MPNet, char tokenizer."""
+    from transformers import AutoModel, Gemma3TextConfig, MPNetConfig
+
+    from idle_ray.llm.backbone import build_char_tokenizer, wrap_backbone
+    tokenizer = build_char_tokenizer(add_cls_sep=name == "tiny-mpnet")
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    if name == "tiny-gemma3":
+        config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=8, sliding_window=16, max_position_embeddings=1024,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **ids)
+    else:
+        config = MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=1026, **ids)
+    torch.manual_seed(0)
+    return wrap_backbone(AutoModel.from_config(config), tokenizer, name=name)
+
+
 @pytest.fixture(scope="module")
 def backbones():
-    return {name: load_backbone(name) for name in TINY}
+    return {**{name: load_backbone(name) for name in TINY}, **{name: tiny_family(name) for name in FAMILIES}}
 
 
 def make_sasrec(seed=0):
@@ -190,7 +211,7 @@ def test_hooks_replace_capture_and_are_removed_even_on_error(backbones):
 # ------------------------------------------------------------------------------------ model
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + FAMILIES)
 def test_zero_init_refinement_every_layer_receives_exactly_h(backbones, name):
     bb = backbones[name]
     model = make_model(bb, "idle")
@@ -220,7 +241,7 @@ def test_zero_init_refinement_every_layer_receives_exactly_h(backbones, name):
             assert torch.equal(hidden[b, start : start + K], h[b]), (layer, b)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + FAMILIES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_forward_backward(backbones, name, variant):
     bb = backbones[name]
@@ -273,7 +294,7 @@ def test_only_adapter_params_change_and_detached_backbone_is_bare(backbones, nam
         assert torch.equal(bb.model(input_ids=probe).last_hidden_state, bare)
 
 
-@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-gpt2", "tiny-gemma3"])
 @pytest.mark.parametrize("variant", ["idle", "idle_no_refine"])
 def test_kv_split_forward_equals_full_forward(backbones, name, variant):
     bb = backbones[name]

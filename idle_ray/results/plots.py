@@ -97,6 +97,50 @@ def errorbar_panels(panels: dict[str, dict[str, list[tuple]]], path, xlabel: str
     _save(fig, path, dpi=120)
 
 
+def grouped_bars(panels: dict[str, dict[str, list[list[float]]]], categories: list[str], path, title: str = "",
+                 groups: list[tuple[str, int]] | None = None, references: dict[str, dict[str, float]] | None = None,
+                 ylabel_prefix: str = "test ") -> None:
+    """One panel per key of ``panels`` (its y label); at each of ``categories`` (x ticks, may hold newlines)
+    one bar per series: the mean of its values there (one per seed), the sample std over seeds as error bars
+    (none for one seed). ``groups``: ``(name, how many consecutive categories)`` written under the ticks,
+    dotted lines between groups. ``references``: ``{label: {panel: value}}`` as dashed horizontal lines. One
+    legend for the figure, under the panels."""
+    import numpy as np
+    _, plt = _pyplot()
+    n = len(categories)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2, 1.25 * n + 1.2) * len(panels), 4.2), squeeze=False)
+    handles = {}
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        width = 0.8 / max(1, len(series))
+        x = np.arange(n)
+        for i, (label, per_category) in enumerate(series.items()):
+            stats = [mean_std(v) for v in per_category]
+            err = [s[1] or 0.0 for s in stats] if any(len(v) > 1 for v in per_category) else None
+            handles[label] = ax.bar(x + (i - (len(series) - 1) / 2) * width, [s[0] for s in stats], width, yerr=err,
+                                    capsize=3, label=label)
+        for j, (label, values) in enumerate((references or {}).items()):
+            if ylabel in values:
+                handles[label] = ax.axhline(values[ylabel], ls=("--", ":", "-.")[j % 3], lw=1.2, color="grey",
+                                            label=label)
+        ax.set_xticks(x, categories, fontsize=8)
+        ax.set_xlim(-0.6, n - 0.4)
+        start = 0
+        for name, count in groups or []:
+            if start:
+                ax.axvline(start - 0.5, ls=":", lw=1, color="black")
+            ax.text(start + (count - 1) / 2, -0.2, name, transform=ax.get_xaxis_transform(), ha="center",
+                    va="top", fontsize=9, fontweight="bold")
+            start += count
+        ax.set_ylabel(ylabel_prefix + ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(handles=list(handles.values()), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _save(fig, path, dpi=120)
+
+
 def category_maps(rows: dict[str, dict[str, dict[str, dict]]], path, title: str = "", category_name: str = "genre",
                   max_categories: int = 8) -> None:
     """A grid of 2-D maps: one row of panels per key of ``rows`` (its y label, e.g. "PCA"), one panel

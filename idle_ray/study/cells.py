@@ -1,12 +1,14 @@
 """The study's cells and the plan each Tune trial follows.
 
 A *cell* is one number of a table or one point of a figure before seeds: ``(row, ID model, prompt
-length)``. Table 1 has, in order, ID-only per ID model, LLM-only, LLaRA-style, IDLE per ID model and
+length, backbone)``. Table 1 has, in order, ID-only per ID model, LLM-only, LLaRA-style, IDLE per ID model and
 the ablations (w/o fusion, w/o refinement, w/o MMD); rows that are not per ID model use the first of
 ``study.id_models``. Figure 3 is IDLE on the first ID model at each ``study.prompt_lengths``; its
 point at ``adapter.prompt_length`` is Table 1's IDLE cell (the same key, trained once), as is Figure 4's
-(the representation map of that cell's first seed). Every cell
-runs once per seed. The ID-only row of a config with ``pretrain.holdout_targets`` > 0 is the ID
+(the representation map of that cell's first seed). Figure 2 is IDLE (first ID model, Table 1's k) and
+LLM-only on each of ``study.backbones`` (empty: ``llm.backbone`` alone); on ``llm.backbone`` they are
+Table 1's cells, so a cell names its backbone only when it is another one (of the two rows, those that
+``study.rows`` has, as Figure 4 needs an IDLE row). Every cell runs once per seed. The ID-only row of a config with ``pretrain.holdout_targets`` > 0 is the ID
 model trained on every target (the strongest ID baseline; ``id_only_all`` of the main job), as is
 the anchor of an anchored IDLE (``adapter.anchor_weight``).
 
@@ -17,7 +19,10 @@ by every cell that needs them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from idle_ray import locations
 from idle_ray.config import STUDY_ROWS, ExperimentConfig, StudyConfig, config_hash, to_dict
@@ -34,6 +39,7 @@ PROMPTED = ("idle", "idle_no_fusion", "idle_no_refine", "idle_no_mmd")  # rows w
 BASELINES = ("id_only", "llm_only", "llara")
 COLUMNS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
 FIG3_METRICS = ("hr@5", "ndcg@5")
+FIG2_ROWS = ("idle", "llm_only")
 
 
 @dataclass(frozen=True)
@@ -41,14 +47,24 @@ class Cell:
     row: str            # a study row (config.STUDY_ROWS)
     id_model: str       # sasrec / gru4rec / caser
     prompt_length: int  # k, 0 for rows without ID tokens
+    backbone: str = ""  # llm.backbone of the cell; "" for the config's own
 
     @property
     def key(self) -> str:
-        return f"{self.row}-{self.id_model}" + (f"-k{self.prompt_length}" if self.prompt_length else "")
+        return (f"{self.row}-{self.id_model}" + (f"-k{self.prompt_length}" if self.prompt_length else "")
+                + (f"-{backbone_key(self.backbone)}" if self.backbone else ""))
 
 
-def _cell(row: str, id_model: str, k: int) -> Cell:
-    return Cell(row, id_model, k if row in PROMPTED else 0)
+def backbone_key(name: str) -> str:
+    """A backbone in cell keys and record file names: an alias as it is, a folder by its name and a hash of
+    its path."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        return name
+    return f"{Path(name).name or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _cell(row: str, id_model: str, k: int, backbone: str = "") -> Cell:
+    return Cell(row, id_model, k if row in PROMPTED else 0, backbone)
 
 
 def table_cells(cfg: ExperimentConfig) -> list[Cell]:
@@ -69,10 +85,27 @@ def figure4_cell(cfg: ExperimentConfig) -> Cell | None:
     return _cell("idle", cfg.study.id_models[0], cfg.adapter.prompt_length) if "idle" in cfg.study.rows else None
 
 
+def figure2_backbones(cfg: ExperimentConfig) -> list[str]:
+    """Figure 2's backbones in config order: ``study.backbones``, or ``llm.backbone`` alone."""
+    return list(cfg.study.backbones) or [cfg.llm.backbone]
+
+
+def figure2_cells(cfg: ExperimentConfig) -> dict[str, dict[str, Cell]]:
+    """``{backbone: {row: cell}}`` for IDLE and LLM-only (first ID model, Table 1's k; those of the two that
+    ``study.rows`` has) on each backbone; empty when the study has neither row (no Figure 2)."""
+    m, k = cfg.study.id_models[0], cfg.adapter.prompt_length
+    rows = [row for row in FIG2_ROWS if row in cfg.study.rows]
+    if not rows:
+        return {}
+    return {b: {row: _cell(row, m, k, "" if b == cfg.llm.backbone else b) for row in rows}
+            for b in figure2_backbones(cfg)}
+
+
 def all_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every cell once (a figure point equal to a table cell is the same cell)."""
     fig4 = figure4_cell(cfg)
-    return list(dict.fromkeys(table_cells(cfg) + figure3_cells(cfg) + ([fig4] if fig4 else [])))
+    fig2 = [c for cells in figure2_cells(cfg).values() for c in cells.values()]
+    return list(dict.fromkeys(table_cells(cfg) + figure3_cells(cfg) + ([fig4] if fig4 else []) + fig2))
 
 
 def label(cfg: ExperimentConfig, cell: Cell) -> str:
@@ -97,6 +130,8 @@ def cell_config(cfg: ExperimentConfig, cell: Cell, seed: int, artifact: str, run
     c = row_config(id_config(cfg, cell.id_model, seed, artifact, runs), MAIN_ROWS[cell.row])
     if cell.prompt_length:
         c = dataclasses.replace(c, adapter=dataclasses.replace(c.adapter, prompt_length=cell.prompt_length))
+    if cell.backbone:
+        c = dataclasses.replace(c, llm=dataclasses.replace(c.llm, backbone=cell.backbone))
     return c
 
 
@@ -143,13 +178,16 @@ def cell_plans(cfg: ExperimentConfig, prepared: PreparedDataset, artifacts: str,
                 "experiment": to_dict(c), "artifact": artifact,
                 "record": f"{cell.key}-s{seed}-{config_hash(c)[:8]}.json",
                 "about": {"cell": cell.key, "row": cell.row, "id_model": cell.id_model,
-                          "prompt_length": c.adapter.prompt_length if cell.prompt_length else None}}
+                          "prompt_length": c.adapter.prompt_length if cell.prompt_length else None,
+                          "backbone": c.llm.backbone}}
     return plans
 
 
 def study_hash(cfg: ExperimentConfig) -> str:
-    """What the study's Tune grids are named by: everything trained plus the grid (``study``)."""
-    return config_hash({"experiment": config_hash(cfg), "study": to_dict(cfg.study)})[:8]
+    """What the study's Tune grids are named by: everything trained plus the grid (``study``). An empty
+    ``study.backbones`` (a later field) is left out, so studies begun before it keep their grids."""
+    study = {k: v for k, v in to_dict(cfg.study).items() if k != "backbones" or v}
+    return config_hash({"experiment": config_hash(cfg), "study": study})[:8]
 
 
 def work_dir(cfg: ExperimentConfig) -> str:

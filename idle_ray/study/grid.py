@@ -148,6 +148,9 @@ def run_study(cfg: ExperimentConfig, log=print) -> dict:
     artifacts = study_cells.artifacts_root(cfg)
     h = study_cells.study_hash(cfg)
     data = str(prepared.path)
+    # Figure 2's backbones: each cache built here, once, before any trial; a missing package fails now
+    for cells in study_cells.figure2_cells(cfg).values():
+        builders.prepare_backbone(study_cells.cell_config(cfg, next(iter(cells.values())), cfg.seed, "", ""), log=log)
     pre = study_cells.pretrain_plans(cfg, prepared, artifacts, runs)
     models = list(dict.fromkeys(k.split("|")[0] for k in pre))
     log(f"[study] {work}: ID models {', '.join(models)} x seeds {cfg.study.seeds}")

@@ -1,6 +1,7 @@
 """The study's outputs from its records alone: Table 1 (mean ± std over seeds, best per column in bold,
-IDLE minus the best baseline with a paired per-user bootstrap), Figure 3 (HR@5 and NDCG@5 against the
-prompt length, error bars over seeds), Figure 4 (the representation map, drawn from its saved 2-D series,
+IDLE minus the best baseline with a paired per-user bootstrap), Figure 2 (HR@5 and NDCG@5 of IDLE and
+LLM-only per backbone, grouped by kind and size, error bars over seeds, the best ID-only model as a
+reference), Figure 3 (HR@5 and NDCG@5 against the prompt length, error bars over seeds), Figure 4 (the representation map, drawn from its saved 2-D series,
 :mod:`idle_ray.study.representations`) and ``results.json`` holding every record (per-user ranks, seed,
 config hash, data fingerprint) and Figure 4's series, so the tables and figures can be recomputed without
 training (:func:`results_from_file`)."""
@@ -12,11 +13,12 @@ import os
 from idle_ray.config import ConfigError, ExperimentConfig, config_hash, experiment_from_dict, to_dict
 from idle_ray.results.comparison import comparison_table, versus_best_baseline
 from idle_ray.results.files import write_json, write_text
-from idle_ray.results.plots import category_maps, errorbar_panels
+from idle_ray.llm.catalog import figure_order, size_label
+from idle_ray.results.plots import category_maps, errorbar_panels, grouped_bars
 from idle_ray.results.stats import mean_std
 from idle_ray.results.tables import metrics_table
-from idle_ray.study.cells import (BASELINES, COLUMNS, FIG3_METRICS, MODEL_NAMES, figure3_cells, label, study_hash,
-                                  table_cells)
+from idle_ray.study.cells import (BASELINES, COLUMNS, FIG3_METRICS, MODEL_NAMES, figure2_cells,
+                                  figure3_cells, label, study_hash, table_cells)
 
 
 def data_summary(manifest: dict) -> dict:
@@ -87,6 +89,54 @@ def figure3(cfg: ExperimentConfig, data: dict, records: list[dict]) -> dict | No
                      f"over seeds {', '.join(map(str, cfg.study.seeds))}"}
 
 
+def figure2(cfg: ExperimentConfig, data: dict, records: list[dict]) -> dict | None:
+    """IDLE and LLM-only per backbone (values per seed, mean, std per metric), the backbones in plot order
+    (:func:`idle_ray.llm.catalog.figure_order`: decoders then encoders, smallest first), and the best
+    ID-only model per metric (highest mean among Table 1's ID-only rows; None without them). None when
+    the study has neither row."""
+    cells, by_cell = figure2_cells(cfg), _by_cell(records)
+    if not cells:
+        return None
+    missing = [c.key for row_cells in cells.values() for c in row_cells.values() if c.key not in by_cell]
+    if missing:
+        raise ValueError(f"no records for Figure 2 point(s) {missing}")
+    backbones = figure_order(list(cells))
+    series = {}
+    for m in FIG3_METRICS:
+        series[m] = {}
+        for row in next(iter(cells.values())):
+            keys = [cells[b["name"]][row].key for b in backbones]
+            values = [[r["test"]["full"][m] for r in by_cell[k]] for k in keys]
+            stats = [mean_std(v) for v in values]
+            series[m][row] = {"label": label(cfg, cells[backbones[0]["name"]][row]), "cells": keys, "values": values,
+                              "mean": [st[0] for st in stats], "std": [st[1] for st in stats]}
+    id_only = [c for c in table_cells(cfg) if c.row == "id_only" and c.key in by_cell]
+    reference = None
+    if id_only:
+        means = {c.key: _stats(by_cell[c.key], FIG3_METRICS)["mean"] for c in id_only}
+        reference = {}
+        for m in FIG3_METRICS:
+            best = max(id_only, key=lambda c: means[c.key][m])
+            reference[m] = {"label": f"best ID-only: {MODEL_NAMES[best.id_model]}", "cell": best.key,
+                            "mean": means[best.key][m]}
+    return {"x": [b["name"] for b in backbones], "backbones": backbones, "series": series, "reference": reference,
+            "title": f"Figure 2: backbones, {data['dataset']} test; IDLE on {MODEL_NAMES[cfg.study.id_models[0]]}, "
+                     f"k = {cfg.adapter.prompt_length}; mean ± std over seeds {', '.join(map(str, cfg.study.seeds))}"}
+
+
+def draw_figure2(fig: dict, path: str) -> None:
+    """Two panels (HR@5, NDCG@5): bars per backbone for IDLE and LLM-only, decoders and encoders grouped,
+    the best ID-only model per metric as a dashed line."""
+    ticks = [b["label"] + (f"\n{size_label(b['parameters'])} params" if b["parameters"] else "") for b in fig["backbones"]]
+    kinds = [b["kind"] for b in fig["backbones"]]
+    groups = [(f"{kind}s", kinds.count(kind)) for kind in dict.fromkeys(kinds)]
+    panels = {m.upper(): {s["label"]: s["values"] for s in rows.values()} for m, rows in fig["series"].items()}
+    references = {}
+    for m, ref in (fig["reference"] or {}).items():
+        references.setdefault(ref["label"], {})[m.upper()] = ref["mean"]
+    grouped_bars(panels, ticks, path, fig["title"], groups=groups, references=references)
+
+
 def figure4(cfg: ExperimentConfig, data: dict, series: dict | None) -> dict | None:
     """Figure 4's series (:func:`idle_ray.study.representations.representation_map`, computed from the
     models once, after training) with its title; None when the study has none."""
@@ -109,14 +159,17 @@ def study_results(cfg: ExperimentConfig, data: dict, records: list[dict], wall_s
     return {"name": cfg.name, "study_hash": study_hash(cfg), "config_hash": config_hash(cfg),
             "seeds": list(cfg.study.seeds), "data": data, "data_fingerprint": data["fingerprint"],
             "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1), "config": to_dict(cfg),
-            "table1": table1(cfg, data, records), "fig3": figure3(cfg, data, records),
+            "table1": table1(cfg, data, records), "fig2": figure2(cfg, data, records),
+            "fig3": figure3(cfg, data, records),
             "fig4": figure4(cfg, data, fig4), "records": records}
 
 
 def write_outputs(results: dict, out: str, log=print) -> None:
-    """``out/table1.md``, ``out/fig3.png`` (when the study has Figure 3) and ``out/results.json``, each
-    written to a temp file and renamed into place."""
+    """``out/table1.md``, ``out/fig2.png``, ``out/fig3.png``, ``out/fig4.png`` (each when the study has that
+    figure) and ``out/results.json``, each written to a temp file and renamed into place."""
     write_text(os.path.join(out, "table1.md"), results["table1"]["markdown"])
+    if results.get("fig2"):
+        draw_figure2(results["fig2"], os.path.join(out, "fig2.png"))
     fig = results["fig3"]
     if fig:
         panels = {m.upper(): {s["label"]: list(zip(fig["x"], s["values"]))} for m, s in fig["series"].items()}
@@ -127,8 +180,8 @@ def write_outputs(results: dict, out: str, log=print) -> None:
         draw_figure4(results["fig4"], os.path.join(out, "fig4.png"))
     write_json(os.path.join(out, "results.json"), results)
     log("\n" + results["table1"]["markdown"])
-    log(f"[study] wrote {out}/table1.md" + (", fig3.png" if fig else "") + (", fig4.png" if results.get("fig4") else "")
-        + ", results.json")
+    figures = [f"fig{n}.png" for n in (2, 3, 4) if results.get(f"fig{n}")]
+    log(f"[study] wrote {out}/" + ", ".join(["table1.md", *figures, "results.json"]))
 
 
 MAP_TITLES = {"pca": "PCA", "tsne": "t-SNE"}
