@@ -18,7 +18,7 @@ if [ "${1:-run}" = prepare ]; then
 import shutil
 from pathlib import Path
 from idle_ray.config import load_config
-from idle_ray.llm.backbone import export_smollm2_architecture
+from idle_ray.llm.backbone_cache import export_smollm2_architecture
 from idle_ray.train.builders import id_artifact_dir, prepare_from_config
 
 export_smollm2_architecture(".bench/smollm2-135m-arch")

@@ -42,7 +42,8 @@ def tiny_family(name):
     """A 2-layer random Gemma-3 (sliding window 16: shorter than the prompts) or MPNet, char tokenizer."""
     from transformers import AutoModel, Gemma3TextConfig, MPNetConfig
 
-    from idle_ray.llm.backbone import build_char_tokenizer, wrap_backbone
+    from idle_ray.llm.backbone import wrap_backbone
+    from idle_ray.llm.tiny import build_char_tokenizer
     tokenizer = build_char_tokenizer(add_cls_sep=name == "tiny-mpnet")
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if name == "tiny-gemma3":

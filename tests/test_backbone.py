@@ -13,7 +13,7 @@ import torch
 from conftest import installed
 from torch import nn
 
-from idle_ray.llm import backbone as backbone_module
+from idle_ray.llm import backbone_cache
 from idle_ray.llm.backbone import find_layers, load_backbone, load_tokenizer
 from idle_ray.llm.catalog import BACKBONES
 
@@ -113,7 +113,7 @@ def test_missing_asset_package_names_the_pip_package(monkeypatch, tmp_path, name
 
 
 def test_smollm2_package_ships_a_readable_gguf():
-    path, version = backbone_module._smollm2_gguf()
+    path, version = backbone_cache.smollm2_gguf()
     with open(path, "rb") as f:
         magic, gguf_version, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
     assert magic == b"GGUF" and gguf_version >= 2
@@ -188,7 +188,7 @@ def test_random_smollm2_builds_from_an_architecture_folder(tmp_path):
 
 @pytest.mark.slow
 def test_exported_smollm2_architecture_has_the_real_shape_and_tokenizer(tmp_path):
-    from idle_ray.llm.backbone import export_smollm2_architecture
+    from idle_ray.llm.backbone_cache import export_smollm2_architecture
     folder = export_smollm2_architecture(tmp_path / "arch")
     assert not list(folder.glob("*.safetensors"))  # a few MB: config and tokenizer only
     random = load_backbone("smollm2-135m-random", cache_dir=str(folder))

@@ -109,9 +109,9 @@ def _worker_loads_smollm2(rank: int, cache_dir: str, port: int, out: str) -> Non
 def test_smollm2_cache_two_workers_repair_planted_incomplete_cache(tmp_path):
     import socket
 
-    from idle_ray.llm.backbone import _smollm2_cache_dir, _smollm2_gguf
-    gguf, version = _smollm2_gguf()
-    cached = _smollm2_cache_dir(str(tmp_path), gguf, version)
+    from idle_ray.llm.backbone_cache import smollm2_cache_dir, smollm2_gguf
+    gguf, version = smollm2_gguf()
+    cached = smollm2_cache_dir(str(tmp_path), gguf, version)
     cached.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (cached / name).write_text("{}")  # the broken state of the bug report: tokenizer files only

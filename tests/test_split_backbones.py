@@ -22,7 +22,8 @@ import pytest
 import torch
 from conftest import installed
 
-from idle_ray.llm import backbone as backbone_module
+from idle_ray.llm import backbone_cache
+from idle_ray.llm.tiny import build_char_tokenizer
 from idle_ray.llm import split_assets
 from idle_ray.llm.backbone import load_backbone, load_tokenizer
 from idle_ray.llm.catalog import BACKBONES
@@ -176,7 +177,7 @@ def test_gemma3_parts_are_joined_checked_dequantised_and_load(gemma3_stand_in, s
     # built once: a second load reads the cache and never joins again
     def no_join(*a, **k):
         raise AssertionError("joined again")
-    monkeypatch.setattr(backbone_module, "join_parts", no_join)
+    monkeypatch.setattr(backbone_cache, "join_parts", no_join)
     again = load_backbone("gemma3-270m", cache_dir=str(cache))
     assert torch.equal(again.embed_tokens.weight, bb.embed_tokens.weight)
 
@@ -241,7 +242,7 @@ def test_a_missing_part_package_names_the_pip_package(request, site, monkeypatch
 def tiny_mpnet():
     """A 2-layer MPNet with a character tokenizer."""
     from transformers import MPNetConfig, MPNetModel
-    tokenizer = backbone_module.build_char_tokenizer(add_cls_sep=True)
+    tokenizer = build_char_tokenizer(add_cls_sep=True)
     config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -276,7 +277,7 @@ def mpnet_stand_in(tmp_path_factory):
 
 def pin_mpnet(monkeypatch, data: bytes) -> None:
     """The packages ship no checksum: the code pins the real zip's; the stand-in's is pinned here instead."""
-    monkeypatch.setattr(backbone_module, "MPNET_ASSET",
+    monkeypatch.setattr(backbone_cache, "MPNET_ASSET",
                         dataclasses.replace(MPNET_ASSET, sha256=hashlib.sha256(data).hexdigest()))
 
 

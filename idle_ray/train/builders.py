@@ -124,7 +124,7 @@ def prepare_backbone(cfg: ExperimentConfig, log=print) -> None:
     """Build the backbone's local cache (de-quantised SmolLM2) here, once, before workers start:
     workers on this node then only read it; workers on other nodes build it once per node under
     the same lock (:mod:`idle_ray.build_once`)."""
-    from idle_ray.llm.backbone import ensure_backbone_cache
+    from idle_ray.llm.backbone_cache import ensure_backbone_cache
     if cfg.adapter.variant != "id_only":
         ensure_backbone_cache(cfg.llm.backbone, cfg.llm.cache_dir or None, log=log)
 
