@@ -14,7 +14,7 @@ run: setup
 	$(PY) jobs/main.py --config configs/main_ml100k.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
