@@ -37,7 +37,8 @@ KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 ALL_FILES = LAUNCHER_FILES + KUBERAY_FILES
 
 # Which script each RayJob must run.
-RAYJOB_SCRIPTS = {"rayjob-train.yaml": "jobs/train.py", "rayjob-tune.yaml": "jobs/tune.py"}
+RAYJOB_SCRIPTS = {"rayjob-train.yaml": "jobs/train.py", "rayjob-tune.yaml": "jobs/tune.py",
+                  "rayjob-study.yaml": "jobs/study.py"}
 
 PUBLIC_CIDRS = {"0.0.0.0/0", "::/0"}
 
@@ -126,7 +127,8 @@ def _public_exposures(doc) -> list[str]:
 def test_every_expected_cluster_file_is_present():
     names = {str(p.relative_to(CLUSTER)) for p in ALL_FILES}
     assert {"aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml",
-            "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml", "kuberay/rayservice.yaml"} <= names
+            "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml", "kuberay/rayjob-study.yaml",
+            "kuberay/rayservice.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=_ids(ALL_FILES))
@@ -272,6 +274,23 @@ def test_tune_concurrency_on_the_shipped_clusters():
     _, config, overrides = _entrypoint(doc)
     job_cfg = _tune_cfg(overrides)
     assert job_cfg.tune.max_concurrent_trials == max_concurrent_trials(_tune_cfg(["train.use_gpu=true"]), most) == 4
+
+
+def test_study_rayjob_runs_one_cell_trial_per_gpu_worker():
+    """The paper preset's RayJob names as many trials at once as its GPU ceiling holds (1 GPU per cell trial),
+    on the GPU, with everything its workers read in the bucket."""
+    from idle_ray.config import load_config
+    from idle_ray.tune.capacity import max_resources_from_autoscaler_config
+    from idle_ray.tune.search import max_concurrent_trials
+
+    doc = _load(CLUSTER / "kuberay/rayjob-study.yaml")
+    most = max_resources_from_autoscaler_config(_validate_kuberay(doc))
+    _, config, overrides = _entrypoint(doc)
+    cfg = load_config(REPO / config, overrides)
+    assert cfg.train.use_gpu and cfg.train.num_workers == 1 and len(cfg.study.backbones) == 4
+    assert cfg.tune.max_concurrent_trials == most["GPU"] == 8
+    assert max_concurrent_trials(load_config(REPO / config, [o for o in overrides if "max_concurrent" not in o]),
+                                 most) == 8
 
 
 SECRET_NAME = re.compile(r"(?i)(secret|password|passwd|token|access_key|credential|private_key|session)")

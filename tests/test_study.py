@@ -149,6 +149,31 @@ def test_cells_and_plans_of_the_presets(tiny_prepared, tmp_path):
     assert figure2_cells(load_config(SMOKE, ["study.rows=[id_only, llara]"])) == {}
 
 
+def test_paper_presets_plan_every_cell_on_both_datasets(tiny_prepared, tmp_path):
+    """The paper preset (ML-1M and ML-100K, one config each): every Table 1 row on three ID models, Figure 2
+    on the four packaged backbones, Figure 3's six prompt lengths, three seeds; trained cells on the GPU."""
+    for name, dataset in (("study_paper_ml1m.yaml", "ml-1m"), ("study_paper_ml100k.yaml", "ml-100k")):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.data.dataset == dataset and cfg.study.seeds == [0, 1, 2]
+        assert cfg.study.id_models == ["sasrec", "gru4rec", "caser"]
+        assert [c.key for c in table_cells(cfg)] == [
+            "id_only-sasrec", "id_only-gru4rec", "id_only-caser", "llm_only-sasrec", "llara-sasrec", "idle-sasrec-k8",
+            "idle-gru4rec-k8", "idle-caser-k8", "idle_no_fusion-sasrec-k8", "idle_no_refine-sasrec-k8",
+            "idle_no_mmd-sasrec-k8"]
+        assert [c.key for c in figure3_cells(cfg)] == [f"idle-sasrec-k{k}" for k in (1, 2, 4, 8, 16, 32)]
+        fig2 = figure2_cells(cfg)
+        assert list(fig2) == ["smollm2-135m", "gemma3-270m", "minilm-l6", "mpnet-base"]
+        assert all(sorted(c.key.split("-")[0] for c in cells.values()) == ["idle", "llm_only"] for cells in fig2.values())
+        cells = all_cells(cfg)
+        assert len(cells) == 11 + 5 + 3 * 2  # Table 1, Figure 3 beyond k = 8, Figure 2 beyond SmolLM2
+        plans = cell_plans(cfg, tiny_prepared, tmp_path / "artifacts", str(tmp_path / "runs"))
+        assert len(plans) == 3 * len(cells)
+        assert all(p["experiment"]["train"]["use_gpu"] for k, p in plans.items() if not k.startswith("id_only"))
+        assert plans["idle-sasrec-k8-mpnet-base|s2"]["experiment"]["llm"]["backbone"] == "mpnet-base"
+        pre = pretrain_plans(cfg, tiny_prepared, tmp_path / "artifacts", str(tmp_path / "runs"))
+        assert len(pre) == 9 and all(len(p["experiments"]) == 2 for p in pre.values())  # hold-out + all targets
+
+
 @pytest.mark.parametrize("override, field", [("study.rows=[idle, bogus]", "study.rows"),
                                              ("study.seeds=[]", "study.seeds"),
                                              ("study.seeds=[0, 0]", "study.seeds"),
