@@ -20,7 +20,9 @@ the count arrays of the k-core and the dense-id maps (:mod:`idle_ray.data.spill`
    range sorts them and writes its shards, numbered as the local engine numbers them.
 
 Every result is gathered in piece / partition / range order, so nothing depends on which task ends
-first. Spill files live in the build's temp folder: tasks on other nodes can use it only if it is
+first. Tasks are not retried: they append to and delete spill files, so re-running a half-done task
+would double or lose rows; a lost worker fails the build (its temp folder is removed) and the next
+run rebuilds. Spill files live in the build's temp folder: tasks on other nodes can use it only if it is
 on storage every node mounts at the same path (``IDLE_RAY_SHARED_STORAGE=1``, as for the other
 folders a cluster's workers read); otherwise every task is pinned to the driver's node (which needs
 CPUs). An ``s3://`` / ``gs://`` output is built in a local temp folder and uploaded, so its tasks are
@@ -61,12 +63,12 @@ def _user_file(spill: Path, p: int) -> Path:
     return spill / f"user-{p:04d}.bin"
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _scan(piece, read_args, min_rating, chunk_rows, spill, n_parts):
     return scan_pieces.scan_piece(piece, read_args, min_rating, chunk_rows, spill, n_parts)
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _dedup(p, spill, n_pieces, user_maps, item_maps, n_users, n_items):
     """Partition ``p``: the pieces' rows in piece order, global codes, duplicates dropped; sparse counts."""
     parts = []
@@ -83,18 +85,18 @@ def _dedup(p, spill, n_pieces, user_maps, item_maps, n_users, n_items):
     return dropped, _sparse(uc), _sparse(ic)
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _count(p, spill, alive_u, alive_i):
     uc, ic = count_rows(np.fromfile(_user_file(spill, p), ROW), len(alive_u), len(alive_i), alive_u, alive_i)
     return _sparse(uc), _sparse(ic)
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _first_rows(p, spill, ucount, icount):
     return first_rows_in(np.fromfile(_user_file(spill, p), ROW), ucount, icount)
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _respill(p, spill, dense_u, dense_i, shard_range, rows_per_shard):
     """Partition ``p``'s surviving rows, dense ids, to ``range-<r>-<p>.bin`` by ranges of dense users."""
     rows = to_dense(np.fromfile(_user_file(spill, p), ROW), dense_u, dense_i)
@@ -103,7 +105,7 @@ def _respill(p, spill, dense_u, dense_i, shard_range, rows_per_shard):
     _user_file(spill, p).unlink()
 
 
-@ray.remote
+@ray.remote(max_retries=0)
 def _write(r, spill, seq_dir, n_parts, first_shard, rows_per_shard):
     paths = [spill / f"range-{r:04d}-{p:04d}.bin" for p in range(n_parts)]
     rows = np.concatenate([np.fromfile(path, ROW) for path in paths if path.exists()])
