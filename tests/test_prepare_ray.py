@@ -56,6 +56,7 @@ def test_ml1m_identical(tmp_path):
     on_ray, local, lines = ray_and_local(tmp_path, "ml-1m")
     assert_same_folder(on_ray, local)
     assert on_ray.manifest["stats"]["interactions"] == 999_611 and len(on_ray.manifest["shards"]) > 2
+    assert scan_tasks(lines) == 1 and int(next(x for x in lines if "range task(s)" in x).split(" in ")[1].split()[0]) > 1
     assert not (on_ray.path / ".spill").exists()
 
 

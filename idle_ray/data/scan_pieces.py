@@ -40,7 +40,7 @@ class Piece:
 def list_pieces(read_args: dict, piece_rows: int) -> list[Piece]:
     """The pieces of the input, in file order (the order the local engine reads it in)."""
     path = Path(read_args["path"]) if read_args["path"] else None
-    if read_args["dataset"] == "parquet" and path is not None and path.exists() and readers._is_parquet(path):
+    if read_args["dataset"] == "parquet" and path is not None and path.exists() and readers.is_parquet(path):
         try:
             dataset = ds.dataset(path, format="parquet", partitioning="hive")
             pieces, start = [], 0
@@ -65,7 +65,6 @@ def _frames(piece: Piece, read_args: dict, chunk_rows: int):
             yield df, None
         return
     file = Path(read_args["path"])
-    wanted = readers.REQUIRED + (("rating",) if read_args["rating"] else ())
     at, pending = 0, []
     try:
         for batch in piece.fragment.to_batches(schema=piece.schema, batch_size=chunk_rows):
@@ -80,8 +79,8 @@ def _frames(piece: Piece, read_args: dict, chunk_rows: int):
                         "re-export the file as Parquet, or use data.dataset: csv") from None
     table, offset = pa.Table.from_batches(pending, schema=pending[0].schema) if pending else None, 0
     while table is not None and offset < table.num_rows:
-        df = readers._rename_columns(table.slice(offset, chunk_rows).to_pandas(), file, read_args["columns"], wanted)
-        yield readers._normalise_interactions(df, file, read_args["rating"], True, piece.first_row + offset)
+        yield readers.normalise_table_chunk(table.slice(offset, chunk_rows).to_pandas(), file, read_args["columns"],
+                                            read_args["rating"], piece.first_row + offset)
         offset += chunk_rows
 
 
