@@ -1,4 +1,4 @@
-"""Benchmark: preparation of synthetic logs of growing size, the local engine beside today's code.
+"""Benchmark: preparation of synthetic logs of growing size, the local and Ray engines beside today's code.
 
     python benchmarks/prepare_scale.py --sizes 1000000 10000000 100000000 --legacy-max 10000000 \
         --work /tmp/prepare_scale --legacy-ref 349ba8a
@@ -9,9 +9,14 @@ prepares it in its own process (``jobs/prepare.py --no-stream``), one at a time:
 rows/s, CPU seconds (user + system: what the run cost, whatever else the machine ran), the peak
 RSS of the process tree (sampled every 0.1 s, and the kernel's peak of the largest process), the
 prepared folder's size; the job's log is kept as ``--work/prepare-<engine>-<rows>.log`` (the local
-engine logs its peak RSS after each pass). ``legacy`` is ``jobs/prepare.py`` of the commit
+engine logs its peak RSS after each pass). ``ray`` starts a local Ray inside the job (all CPUs of the
+machine); its processes (GCS, raylet, workers) are the job's descendants, so they are in the process
+tree's RSS (the object store's shared pages can count once per process that maps them: an upper
+bound) and in its CPU seconds (each descendant's last sampled CPU time, since Ray's workers are not
+reaped by the job). ``legacy`` is ``jobs/prepare.py`` of the commit
 ``--legacy-ref`` (checked out once as a detached ``git worktree`` under ``--work``), run up to
-``--legacy-max`` rows; where both ran, their prepared folders are compared file by file. Data and
+``--legacy-max`` rows; where both ran, their prepared folders are compared file by file (and ``ray``'s
+with ``local``'s). Data and
 outputs are deleted after each size (``--keep`` keeps them).
 """
 from __future__ import annotations
@@ -30,20 +35,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_measured(cmd: list[str], cwd: Path) -> dict:
-    """Run ``cmd``; wall seconds, CPU seconds (user + system) and peak RSS (GiB) of its process tree."""
+    """Run ``cmd``; wall seconds, CPU seconds (user + system) and peak RSS (GiB) of its process tree. CPU:
+    the larger of the reaped children's rusage and the sum over every process seen in the tree of its
+    last sampled user + system time (descendants that are not reaped, e.g. Ray's workers, count)."""
     import psutil
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, cpu_seen = psutil.Process(proc.pid), 0, {}
     while proc.poll() is None:
+        total = 0
         try:
-            total = sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
-            peak = max(peak, total)
+            tree = [root] + root.children(recursive=True)
         except psutil.NoSuchProcess:
-            pass
+            tree = []
+        for p in tree:
+            try:
+                total += p.memory_info().rss
+                t = p.cpu_times()
+                cpu_seen[p.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        peak = max(peak, total)
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     out = proc.stdout.read()
@@ -52,7 +67,7 @@ def run_measured(cmd: list[str], cwd: Path) -> dict:
     # ru_maxrss (KiB) is the largest child so far: it tells only when this child set a new maximum
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     largest = usage.ru_maxrss
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime - cpu_before,
+    return {"wall_s": wall, "cpu_s": max(usage.ru_utime + usage.ru_stime - cpu_before, sum(cpu_seen.values())),
             "peak_rss_gib": max(peak, largest * 1024 if largest > before else 0) / 2 ** 30, "output": out}
 
 
@@ -84,7 +99,7 @@ def legacy_tree(work: Path, ref: str) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--engines", nargs="+", default=["legacy", "local"], choices=["local", "memory", "legacy"])
+    p.add_argument("--engines", nargs="+", default=["legacy", "local"], choices=["local", "ray", "memory", "legacy"])
     p.add_argument("--legacy-max", type=int, default=10_000_000, help="run legacy only up to this many rows")
     p.add_argument("--legacy-ref", default="349ba8a", help="the commit whose jobs/prepare.py is 'legacy'")
     p.add_argument("--work", default="/tmp/prepare_scale", help="logs, outputs and the legacy checkout")
@@ -126,6 +141,8 @@ def main(argv=None):
                        "users": m["num_users"], "items": m["num_items"], "kept": m["stats"]["interactions"]}
                 if engine != "legacy" and "legacy" in folders:
                     row["identical_to_legacy"] = same_folder(folders[engine], folders["legacy"])
+                if engine == "ray" and "local" in folders:
+                    row["identical_to_local"] = same_folder(folders[engine], folders["local"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if not args.keep:

@@ -40,7 +40,7 @@ SCHEMA_VERSION = 1
 ITEM_SCHEMA = pa.schema([("item", pa.int32()), ("original_id", pa.string()), ("title", pa.string())])
 USER_SCHEMA = pa.schema([("user", pa.int32()), ("original_id", pa.string())])
 DEFAULT_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "title": "title", "rating": "rating"}
-ENGINES = ("local", "memory")
+ENGINES = ("local", "ray", "memory")
 
 
 @dataclass
@@ -121,9 +121,10 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     ``val_interval``); ``columns``: ``data.columns`` (the names in the user's own files);
     ``delimiter`` / ``encoding``: ``data.delimiter`` / ``data.encoding`` of the user's CSV and atomic files.
     ``engine``: ``data.engine``, "local" (out of core, :mod:`idle_ray.data.prepare_local`: input read in
-    chunks of ``chunk_rows`` rows, ``partitions`` spill files, 0: from the input size) or "memory" (the
-    whole log in pandas, the reference the local engine is tested against). Both write the same
-    folder, so the engine is not part of the fingerprint."""
+    chunks of ``chunk_rows`` rows, ``partitions`` spill files, 0: from the input size), "ray" (the local
+    engine's passes as Ray tasks, :mod:`idle_ray.data.prepare_ray`) or "memory" (the whole log in pandas,
+    the reference the local engine is tested against). All write the same folder, so the engine is not
+    part of the fingerprint."""
     if engine not in ENGINES:
         raise DataError("<config>", "data.engine", f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
     files = input_files(dataset, path, items_path)
@@ -161,6 +162,11 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                 from idle_ray.data.prepare_local import prepare_out_of_core
                 content = prepare_out_of_core(tmp, read_args, items_path, files, min_rating, min_user_interactions,
                                               min_item_interactions, rows_per_shard, log, chunk_rows, partitions)
+            elif engine == "ray":
+                from idle_ray.data.prepare_ray import prepare_on_ray
+                content = prepare_on_ray(tmp, read_args, items_path, files, min_rating, min_user_interactions,
+                                         min_item_interactions, rows_per_shard, log, chunk_rows, partitions,
+                                         shared_tmp=not locations.is_uri(final))
             else:
                 content = _prepare_in_memory(tmp, read_args, items_path, files, min_rating, min_user_interactions,
                                              min_item_interactions, rows_per_shard, log)

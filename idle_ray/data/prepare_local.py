@@ -17,7 +17,6 @@ Memory: the distinct ids and count arrays (O(users + items)), one input chunk, o
 """
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -26,10 +25,10 @@ import numpy as np
 import pandas as pd
 
 from idle_ray.data import readers
-from idle_ray.data.sequences import (Content, check_filtered, check_rating_kept, check_titles, has_integer_ties,
-                                     natural_order, sorted_sequences, write_shards)
+from idle_ray.data.sequences import Content, check_filtered, check_rating_kept, check_titles
+from idle_ray.data.spill import (ROW, count_rows, dense_maps, drop_duplicates, first_rows_in, k_core_counts,
+                                 peak_rss, shard_ranges, spill_rows, to_dense, write_range)
 
-ROW = np.dtype([("user", "<i4"), ("item", "<i4"), ("ts", "<i8"), ("row", "<i8")])
 ROWS_PER_RANGE = 2_000_000     # rows per sort in the last pass (about 24 bytes each, a few copies)
 INPUT_BYTES_PER_PARTITION = 32 << 20
 MAX_PARTITIONS = 256
@@ -64,22 +63,6 @@ def partition_count(files: list[Path]) -> int:
     return int(min(MAX_PARTITIONS, 1 + size // INPUT_BYTES_PER_PARTITION))
 
 
-def _peak() -> str:
-    """This process's peak RSS so far (Linux reports KiB)."""
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
-
-
-def _spill(paths: list[Path], rows: np.ndarray, part: np.ndarray) -> None:
-    """Append ``rows`` to ``paths[part]`` (file order kept within each)."""
-    order = np.argsort(part, kind="stable")
-    ends = np.cumsum(np.bincount(part, minlength=len(paths)))
-    rows = rows[order]
-    for p, (lo, hi) in enumerate(zip(np.concatenate(([0], ends[:-1])), ends)):
-        if hi > lo:
-            with open(paths[p], "ab") as f:
-                rows[lo:hi].tofile(f)
-
-
 def _scan(read_args: dict, min_rating, chunk_rows: int, paths: list[Path], log):
     users, items = IdCodes(), IdCodes()
     n_rows = kept = 0
@@ -93,9 +76,9 @@ def _scan(read_args: dict, min_rating, chunk_rows: int, paths: list[Path], log):
         if min_rating is not None:
             rows = rows[df["rating"].to_numpy() >= min_rating]
         kept += len(rows)
-        _spill(paths, rows, rows["user"] % len(paths))
+        spill_rows(paths, rows, rows["user"] % len(paths))
         if n_rows // LOG_EVERY_ROWS > (n_rows - len(df)) // LOG_EVERY_ROWS:
-            log(f"[prepare] read {n_rows:,} rows ({_peak()})")
+            log(f"[prepare] read {n_rows:,} rows ({peak_rss()})")
     return users, items, n_rows, kept
 
 
@@ -107,70 +90,26 @@ def _dedup_and_count(paths: list[Path], n_users: int, n_items: int):
         rows = np.fromfile(path, ROW)
         if not len(rows):
             continue
-        dup = pd.DataFrame({"u": rows["user"], "i": rows["item"], "t": rows["ts"]}).duplicated().to_numpy()
-        if dup.any():
-            dropped += int(dup.sum())
-            rows = rows[~dup]
+        rows, d = drop_duplicates(rows)
+        if d:
+            dropped += d
             rows.tofile(path)
-        ucount += np.bincount(rows["user"], minlength=n_users)
-        icount += np.bincount(rows["item"], minlength=n_items)
+        uc, ic = count_rows(rows, n_users, n_items)
+        ucount += uc
+        icount += ic
     return ucount, icount, dropped
 
 
-def _k_core(paths: list[Path], ucount: np.ndarray, icount: np.ndarray, min_user: int, min_item: int, log):
-    """Counts per user and item code of the k-core (zero: filtered). A user or item filtered in one
-    round has no rows in the next, so the rows left after round k are exactly those whose user and
-    item passed round k: a round needs the two masks, not the rows."""
-    rounds = 0
-    while ((ucount > 0) & (ucount < min_user)).any() or ((icount > 0) & (icount < min_item)).any():
-        alive_u, alive_i = ucount >= min_user, icount >= min_item
-        ucount, icount = np.zeros_like(ucount), np.zeros_like(icount)
+def _count_pass(paths: list[Path]):
+    """One k-core round over the spill files: counts of the rows whose user and item are alive."""
+    def count(alive_u, alive_i):
+        ucount, icount = np.zeros(len(alive_u), np.int64), np.zeros(len(alive_i), np.int64)
         for path in paths:
-            rows = np.fromfile(path, ROW)
-            keep = alive_u[rows["user"]] & alive_i[rows["item"]]
-            ucount += np.bincount(rows["user"][keep], minlength=len(ucount))
-            icount += np.bincount(rows["item"][keep], minlength=len(icount))
-        rounds += 1
-    log(f"[prepare] k-core: {rounds} filtering round(s)")
-    return ucount, icount
-
-
-def _first_rows(paths: list[Path], ucount: np.ndarray, icount: np.ndarray):
-    """The file row where each surviving user and item first occurs among the surviving rows."""
-    first_u = np.full(len(ucount), np.iinfo(np.int64).max)
-    first_i = np.full(len(icount), np.iinfo(np.int64).max)
-    for path in paths:
-        rows = np.fromfile(path, ROW)
-        rows = rows[(ucount[rows["user"]] > 0) & (icount[rows["item"]] > 0)]  # in file order
-        for codes, first in ((rows["user"], first_u), (rows["item"], first_i)):
-            uniq, at = np.unique(codes, return_index=True)
-            np.minimum.at(first, uniq, rows["row"][at])
-    return first_u, first_i
-
-
-def _dense_ids(ids: IdCodes, count: np.ndarray, first_row) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, dense)``: the surviving original ids in dense order, and code -> dense id (0: filtered).
-    The order is the in-memory engine's: :func:`natural_order` of the ids in order of first
-    appearance among the surviving rows (only equal integers written differently depend on it)."""
-    codes = np.flatnonzero(count > 0)
-    values = ids.values()
-    if has_integer_ties(values[codes]):
-        codes = codes[np.argsort(first_row()[codes], kind="stable")]
-    order = natural_order(values[codes])
-    dense = np.zeros(len(count), np.int32)
-    dense[codes] = pd.Index(order).get_indexer(values[codes]) + 1
-    return order, dense
-
-
-def _ranges(lengths: np.ndarray, rows_per_shard: int) -> np.ndarray:
-    """Range index of each shard: consecutive whole shards of about :data:`ROWS_PER_RANGE` rows."""
-    shard_rows = np.add.reduceat(lengths, np.arange(0, len(lengths), rows_per_shard))
-    ranges, acc, r = np.zeros(len(shard_rows), np.int64), 0, 0
-    for s, n in enumerate(shard_rows):
-        if acc and acc + n > ROWS_PER_RANGE:
-            r, acc = r + 1, 0
-        ranges[s], acc = r, acc + n
-    return ranges
+            uc, ic = count_rows(np.fromfile(path, ROW), len(alive_u), len(alive_i), alive_u, alive_i)
+            ucount += uc
+            icount += ic
+        return ucount, icount
+    return count
 
 
 def prepare_out_of_core(tmp: Path, read_args: dict, items_path: str, files: list[Path], min_rating,
@@ -198,7 +137,7 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
     raw_stats = {"users": len(users), "items": len(items), "interactions": n_rows}
     log(f"[prepare] {read_args['dataset']}: {raw_stats['users']:,} users, {raw_stats['items']:,} items, "
         f"{raw_stats['interactions']:,} interactions before filtering ({n_parts} spill files, "
-        f"{time.perf_counter() - started:.0f} s, {_peak()})")
+        f"{time.perf_counter() - started:.0f} s, {peak_rss()})")
     item_table = readers.read_items(read_args["dataset"], read_args["path"], items_path, read_args["columns"],
                                     read_args["delimiter"], read_args["encoding"])
     check_titles(item_table, set(items.index), read_args["dataset"], items_path or str(files[-1]))
@@ -208,39 +147,24 @@ def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user,
     ucount, icount, dropped = _dedup_and_count(hashed, len(users), len(items))
     if dropped:
         log(f"[prepare] dropped {dropped:,} exact duplicate rows")
-    ucount, icount = _k_core(hashed, ucount, icount, min_user, min_item, log)
+    ucount, icount = k_core_counts(_count_pass(hashed), ucount, icount, min_user, min_item, log)
     check_filtered(ucount[ucount > 0], min_user, min_item, files[0])
-    log(f"[prepare] duplicates and k-core done ({time.perf_counter() - started:.0f} s, {_peak()})")
+    log(f"[prepare] duplicates and k-core done ({time.perf_counter() - started:.0f} s, {peak_rss()})")
+    user_order, dense_u, item_order, dense_i, lengths = dense_maps(
+        users.values(), items.values(), ucount, icount,
+        lambda: [first_rows_in(np.fromfile(path, ROW), ucount, icount) for path in hashed])
+    log(f"[prepare] dense ids ({time.perf_counter() - started:.0f} s, {peak_rss()})")
 
-    firsts = []  # computed once, only if an order needs it
-
-    def first_rows(which):
-        if not firsts:
-            firsts.extend(_first_rows(hashed, ucount, icount))
-        return firsts[which]
-    user_order, dense_u = _dense_ids(users, ucount, lambda: first_rows(0))
-    item_order, dense_i = _dense_ids(items, icount, lambda: first_rows(1))
-    log(f"[prepare] dense ids ({time.perf_counter() - started:.0f} s, {_peak()})")
-    lengths = np.zeros(len(user_order), np.int64)
-    lengths[dense_u[ucount > 0] - 1] = ucount[ucount > 0]
-
-    shard_range = _ranges(lengths, rows_per_shard)
+    shard_range = shard_ranges(lengths, rows_per_shard, ROWS_PER_RANGE)
     ranged = [spill / f"range-{r:04d}.bin" for r in range(int(shard_range[-1]) + 1)]
     for path in hashed:
-        rows = np.fromfile(path, ROW)
-        rows = rows[(dense_u[rows["user"]] > 0) & (dense_i[rows["item"]] > 0)]
-        rows["user"], rows["item"] = dense_u[rows["user"]], dense_i[rows["item"]]
-        _spill(ranged, rows, shard_range[(rows["user"] - 1) // rows_per_shard])
+        rows = to_dense(np.fromfile(path, ROW), dense_u, dense_i)
+        spill_rows(ranged, rows, shard_range[(rows["user"] - 1) // rows_per_shard])
         path.unlink()
     seq_dir.mkdir()
     shards = []
     for r, path in enumerate(ranged):
-        rows = np.fromfile(path, ROW)
-        # A user's rows all come from one spill file, appended in file order: a stable sort by
-        # (user, timestamp) keeps file order for equal timestamps without the row number as a key.
-        users_r, offsets, item_col, ts_col = sorted_sequences(rows["user"], rows["item"], rows["ts"])
-        shards += write_shards(seq_dir, int(np.searchsorted(shard_range, r)), users_r, offsets, item_col, ts_col,
-                               rows_per_shard)
+        shards += write_range(seq_dir, np.fromfile(path, ROW), int(np.searchsorted(shard_range, r)), rows_per_shard)
         path.unlink()
-    log(f"[prepare] wrote {len(shards)} shards ({time.perf_counter() - started:.0f} s, {_peak()})")
+    log(f"[prepare] wrote {len(shards)} shards ({time.perf_counter() - started:.0f} s, {peak_rss()})")
     return Content(user_order, item_order, lengths, raw_stats, n_rows - kept, dropped, shards, item_table)

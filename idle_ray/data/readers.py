@@ -112,7 +112,7 @@ def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> DataErr
 PARQUET_MAGIC = b"PAR1"
 
 
-def _is_parquet(path: Path) -> bool:
+def is_parquet(path: Path) -> bool:
     """Parquet files start (and end) with ``PAR1``; a folder is read as a Parquet dataset."""
     if path.is_dir():
         return True
@@ -137,7 +137,7 @@ def _table_frames(path: Path, kind: str | None = None, delimiter: str = ",", enc
     file name; without it (an item table) the content decides. A declared format the file's first
     bytes contradict is an error that says which format it is."""
     _check_file(path)
-    parquet = _is_parquet(path)
+    parquet = is_parquet(path)
     if kind == "parquet" and not parquet:
         raise DataError(path, "data.dataset", "declared Parquet, but the file does not start with Parquet's "
                         "'PAR1' marker (a CSV or a compressed file?)",
@@ -391,6 +391,14 @@ def interaction_frames(dataset: str, path: str = "", columns: dict | None = None
         yield out
     if offset == 0:
         raise DataError(file, None, "no rows", "give at least one interaction row")
+
+
+def normalise_table_chunk(df: pd.DataFrame, file: Path, columns: dict | None, rating: bool,
+                          offset: int) -> tuple[pd.DataFrame, str]:
+    """A chunk of the user's own table as read (file row ``offset`` first): ``data.columns`` renamed, then
+    every check of :func:`interaction_frames` on it; returns the frame and how timestamps were stored."""
+    wanted = REQUIRED + (("rating",) if rating else ())
+    return _normalise_interactions(_rename_columns(df, file, columns, wanted), file, rating, True, offset)
 
 
 def read_items(dataset: str, path: str = "", items_path: str = "", columns: dict | None = None,

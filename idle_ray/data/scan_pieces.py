@@ -1,0 +1,115 @@
+"""The input split into pieces that tasks scan independently, and the scan of one piece into spill files.
+
+A Parquet input (a file or a folder of files) splits into ranges of at most ``piece_rows`` rows
+within its row groups; any other input (CSV, atomic files, the packaged ml-*) is one piece read by
+:func:`readers.interaction_frames`. A piece knows the file row of its first row, so its rows carry
+the row numbers the local engine gives them. Ids become codes local to the piece (first-appearance
+order); the driver merges the pieces' distinct ids into the global codes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from idle_ray.data import readers
+from idle_ray.data.prepare_local import IdCodes
+from idle_ray.data.readers import DataError
+from idle_ray.data.spill import ROW, spill_rows
+
+PIECE_ROWS = 250_000
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``lo:hi`` of one Parquet row group (``fragment``, read with the dataset's ``schema`` so hive
+    partition columns are filled), or the whole input (``fragment`` None). ``first_row``: the file row
+    of the piece's first row."""
+    index: int
+    first_row: int
+    fragment: object = None
+    schema: object = None
+    lo: int = 0
+    hi: int = 0
+
+
+def list_pieces(read_args: dict, piece_rows: int) -> list[Piece]:
+    """The pieces of the input, in file order (the order the local engine reads it in)."""
+    path = Path(read_args["path"]) if read_args["path"] else None
+    if read_args["dataset"] == "parquet" and path is not None and path.exists() and readers.is_parquet(path):
+        try:
+            dataset = ds.dataset(path, format="parquet", partitioning="hive")
+            pieces, start = [], 0
+            for fragment in dataset.get_fragments():
+                for group in fragment.split_by_row_group():
+                    n = group.row_groups[0].num_rows
+                    for lo in range(0, n, piece_rows):
+                        pieces.append(Piece(len(pieces), start + lo, group, dataset.schema, lo, min(n, lo + piece_rows)))
+                    start += n
+            if pieces:
+                return pieces
+        except (pa.ArrowInvalid, OSError):
+            pass  # the whole-input scan reports it, as the local engine does
+    return [Piece(0, 0)]
+
+
+def _frames(piece: Piece, read_args: dict, chunk_rows: int):
+    """``(frame, how timestamps were stored)`` of the piece, in file order, every reader check applied;
+    the kind is None for the whole input (:func:`readers.interaction_frames` compares kinds itself)."""
+    if piece.fragment is None:
+        for df in readers.interaction_frames(**read_args, chunk_rows=chunk_rows):
+            yield df, None
+        return
+    file = Path(read_args["path"])
+    at, pending = 0, []
+    try:
+        for batch in piece.fragment.to_batches(schema=piece.schema, batch_size=chunk_rows):
+            lo, hi = max(piece.lo, at), min(piece.hi, at + batch.num_rows)
+            if hi > lo:
+                pending.append(batch.slice(lo - at, hi - lo))
+            at += batch.num_rows
+            if at >= piece.hi:
+                break
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(file, None, f"not a readable Parquet file ({e})",
+                        "re-export the file as Parquet, or use data.dataset: csv") from None
+    table, offset = pa.Table.from_batches(pending, schema=pending[0].schema) if pending else None, 0
+    while table is not None and offset < table.num_rows:
+        yield readers.normalise_table_chunk(table.slice(offset, chunk_rows).to_pandas(), file, read_args["columns"],
+                                            read_args["rating"], piece.first_row + offset)
+        offset += chunk_rows
+
+
+def scan_piece(piece: Piece, read_args: dict, min_rating, chunk_rows: int, spill: Path, n_parts: int) -> dict:
+    """Rows of the piece (local codes, timestamp, file row) appended to ``spill/scan-<piece>-<part>.bin``,
+    the partition a stable hash of the user id (every piece sends a user to the same one). Returns the
+    piece's distinct user and item ids in first-appearance order (index = local code), its row counts,
+    the timestamp kind of each chunk, and the first :class:`DataError` met (None: none)."""
+    users, items = IdCodes(), IdCodes()
+    paths = [spill / f"scan-{piece.index:05d}-{p:04d}.bin" for p in range(n_parts)]
+    n_rows = kept = 0
+    kinds, error = [], None
+    try:
+        for df, kind in _frames(piece, read_args, chunk_rows):
+            kinds.append((piece.first_row + n_rows, kind))
+            rows = np.empty(len(df), ROW)
+            rows["user"] = users.encode(df["user_id"])
+            rows["item"] = items.encode(df["item_id"])
+            rows["ts"] = df["timestamp"].to_numpy()
+            rows["row"] = np.arange(piece.first_row + n_rows, piece.first_row + n_rows + len(df))
+            # pandas' hash of the text is the same in every process (Python's hash() is salted)
+            part = (pd.util.hash_array(df["user_id"].to_numpy(dtype=object)) % np.uint64(n_parts)).astype(np.int64)
+            n_rows += len(df)
+            if min_rating is not None:
+                keep = df["rating"].to_numpy() >= min_rating
+                rows, part = rows[keep], part[keep]
+            kept += len(rows)
+            spill_rows(paths, rows, part)
+    except DataError as e:
+        error = e
+    return {"users": users.values(), "items": items.values(), "rows": n_rows, "kept": kept, "kinds": kinds,
+            "error": error}
