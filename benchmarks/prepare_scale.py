@@ -154,12 +154,12 @@ def main(argv=None):
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(work / f"legacy-{args.legacy_ref}")], capture_output=True)
     print("\n| interactions | engine | wall (s) | rows/s | CPU (s) | CPU µs/row | peak RSS (GiB) | output (MiB) | "
-          "identical to legacy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "identical to legacy | identical to local |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        same = {True: "yes", False: "**no**"}.get(r.get("identical_to_legacy"), "")
+        same = [{True: "yes", False: "**no**"}.get(r.get(k), "") for k in ("identical_to_legacy", "identical_to_local")]
         print(f"| {r['interactions']:,} | {r['engine']} | {r['wall_s']:.1f} | {r['rows_per_s']:,} | {r['cpu_s']:.0f} | "
-              f"{r['cpu_us_per_row']:.2f} | {r['peak_rss_gib']:.2f} | {r['output_mib']:.1f} | {same} |")
+              f"{r['cpu_us_per_row']:.2f} | {r['peak_rss_gib']:.2f} | {r['output_mib']:.1f} | {same[0]} | {same[1]} |")
 
 
 if __name__ == "__main__":
