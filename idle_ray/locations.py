@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 
 # pyarrow's filesystem type names -> URI schemes
 _SCHEMES = {"s3": "s3://", "gcs": "gs://", "hdfs": "hdfs://"}
+# Set to 1 where a local path (NFS, ReadWriteMany) is mounted at the same place on every node.
+SHARED_STORAGE_ENV = "IDLE_RAY_SHARED_STORAGE"
 
 
 def is_uri(location) -> bool:

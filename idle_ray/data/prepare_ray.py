@@ -41,11 +41,10 @@ import ray
 
 from idle_ray.data import prepare_local, readers, scan_pieces
 from idle_ray.data.readers import DataError
+from idle_ray.locations import SHARED_STORAGE_ENV
 from idle_ray.data.sequences import Content, check_filtered, check_rating_kept, check_titles
 from idle_ray.data.spill import (ROW, count_rows, dense_maps, drop_duplicates, first_rows_in, k_core_counts,
                                  peak_rss, shard_ranges, spill_rows, to_dense, write_range)
-
-SHARED_STORAGE_ENV = "IDLE_RAY_SHARED_STORAGE"  # the same switch as idle_ray.train.cluster's
 
 
 def _sparse(count: np.ndarray):

@@ -18,9 +18,7 @@ from pathlib import Path
 import ray
 
 from idle_ray.config import ConfigError, ExperimentConfig
-from idle_ray.locations import is_uri
-
-SHARED_STORAGE_ENV = "IDLE_RAY_SHARED_STORAGE"
+from idle_ray.locations import SHARED_STORAGE_ENV, is_uri
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
