@@ -194,14 +194,16 @@ def build_once(final: str | Path, build: Callable[[Path], None], verify: Callabl
 
 
 def build_locked(final: str | Path, build: Callable[[Path], None], verify: Callable[[Path], None] | None = None,
-                 *, what: str, log: Callable[[str], None] = print, info: dict | None = None) -> Path:
+                 *, what: str, log: Callable[[str], None] = print, info: dict | None = None,
+                 build_dir: str = "") -> Path:
     """:func:`build_once` for a caller that already holds ``BuildLock(final)`` (a lock is not
-    taken twice: ``flock`` on a second descriptor would wait for ourselves)."""
+    taken twice: ``flock`` on a second descriptor would wait for ourselves). ``build_dir``: where a
+    URI's folder is built before its upload (empty: the system's temp folder)."""
     reason = why_incomplete(final)
     if reason is None:  # another process finished it while we waited
         return final
     if locations.is_uri(final):
-        return _build_and_upload(str(final), reason, build, verify, what, log, info)
+        return _build_and_upload(str(final), reason, build, verify, what, log, info, build_dir)
     final = Path(final)
     if final.exists() or final.is_symlink():
         remove_incomplete(final, reason, what, log)
@@ -224,11 +226,15 @@ def build_locked(final: str | Path, build: Callable[[Path], None], verify: Calla
     return final
 
 
-def _build_and_upload(final: str, reason: str, build, verify, what: str, log, info: dict | None) -> str:
-    """:func:`build_locked` for a URI: build and verify in a local temp folder, upload, marker last."""
+def _build_and_upload(final: str, reason: str, build, verify, what: str, log, info: dict | None,
+                      build_dir: str = "") -> str:
+    """:func:`build_locked` for a URI: build and verify in a local temp folder (in ``build_dir`` when
+    given), upload, marker last."""
     if reason != "missing":
         log(f"[{what}] {final} is incomplete ({reason}); rebuilding it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{locations.basename(final)}-"))
+    if build_dir:
+        Path(build_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{locations.basename(final)}-", dir=build_dir or None))
     try:
         build(tmp)
         if verify is not None:

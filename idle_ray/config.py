@@ -57,10 +57,14 @@ class DataConfig:
     engine: str = _f("local", "How preparation runs: 'local' (out of core: the input read in chunks, rows spilled to "
                      "disk beside the output and sorted a part at a time; memory grows with users and items, not "
                      "rows), 'ray' (the same passes as Ray tasks: the input scanned in pieces, spill partitions "
-                     "deduplicated, counted, sorted and written in parallel; the spill folder beside the output must "
-                     "be on storage every node mounts, else the tasks stay on the driver's node) or 'memory' (the "
+                     "deduplicated, counted, sorted and written in parallel; the build folder (beside a local output, "
+                     "or data.build_dir for s3:// / gs://) must be on storage every node mounts, else the tasks "
+                     "stay on the driver's node) or 'memory' (the "
                      "whole log in pandas, ~0.25 GiB per million rows; the reference). All write the same folder.",
                      choices=("local", "ray", "memory"))
+    build_dir: str = _f("", "Where an s3:// / gs:// output_dir is built before its upload (empty: this node's temp "
+                        "folder). A folder every node mounts at the same path lets data.engine: ray run its tasks "
+                        "on every node; otherwise they run on the driver's node.")
     columns: ColumnsConfig = _f(None, "Column names of your own files (data.dataset atomic/csv/parquet); the "
                                 "packaged ml-* files have fixed names.", factory=ColumnsConfig)
     delimiter: str = _f(",", "Field separator of your CSV files (data.dataset: csv), e.g. ';' or '\\t'.")

@@ -14,11 +14,16 @@ What it proves (house rule 15: every path a worker reads exists on every node):
 * ``jobs/evaluate.py --run`` from another empty folder finds the run's best weights, the artifact and
   the data in the bucket and reproduces the test metrics exactly.
 
+* ``data.engine: ray`` with the build folder on storage every node mounts runs its scan tasks on both
+  worker nodes and writes the local engine's folder byte for byte; with an ``s3://`` output (tasks
+  pinned to the driver's node, the 0-CPU head) it is refused at once instead of waiting forever.
+
 On the code before node-independent paths, the pre-training step fails: its workers look for the
 prepared data in a local folder of the driver that no longer exists.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -160,3 +165,62 @@ def test_multinode_run_with_data_and_artifacts_in_the_bucket(cluster, s3, tmp_pa
     again = json.loads((tmp_path / "evaluate.json").read_text())
     assert again["test"]["full"] == record["test"]["full"] and again["test"]["users"] == 24
     assert list(work2.iterdir()) == []
+
+
+@pytest.mark.timeout(900)
+def test_ray_preparation_spreads_over_the_nodes_and_equals_the_local_engine(cluster, s3, tmp_path):  # noqa: F811
+    """``data.engine: ray`` on the 0-CPU head's cluster (issue 14, item 2). With the build folder on
+    storage every node mounts (this machine's disk, shared by its three nodes, stands in for NFS) the
+    scan tasks run on both worker nodes and the prepared folder is the local engine's byte for byte:
+    a local output with ``IDLE_RAY_SHARED_STORAGE=1``, and an ``s3://`` output built in
+    ``data.build_dir`` and uploaded. An ``s3://`` output without ``data.build_dir`` is built in the
+    driver's own temp folder, so its tasks would be pinned to the head, which has no CPU: refused at
+    once, exit 2, naming the fix, nothing uploaded."""
+    from idle_ray.data import synthetic
+    from idle_ray.data.prepare import prepare_dataset
+
+    address, env = cluster
+    log_path = tmp_path / "log.parquet"
+    # 600K rows in row groups of 1M: three scan pieces of <= 250K rows, more than one per node
+    synthetic.write_synthetic_log(log_path, 600_000, seed=5, log=lambda *a: None)
+    config = tmp_path / "prepare.yaml"
+    config.write_text(f"name: multinode-prepare\ndata:\n  dataset: parquet\n  path: {log_path}\n"
+                      f"  output_dir: {tmp_path / 'shared'}\n  engine: ray\n  rows_per_shard: 500\n")
+    work = tmp_path / "driver"
+    work.mkdir()
+    r = run_job("prepare.py", "--config", config, "--no-stream", cwd=work,
+                env={**env, "IDLE_RAY_SHARED_STORAGE": "1"}, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "[prepare] ray: 3 scan task(s)" in out and "[prepare] ray: scan tasks ran on 2 node(s)" in out, out[-3000:]
+    ray_dir = next((tmp_path / "shared").glob("parquet-*"))
+    local = prepare_dataset("parquet", tmp_path / "local", path=str(log_path), rows_per_shard=500, engine="local",
+                            log=lambda *a: None)
+    files = sorted(str(p.relative_to(local.path)) for p in local.path.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(ray_dir)) for p in ray_dir.rglob("*") if p.is_file())
+    assert len([f for f in files if f.startswith("sequences/")]) == 24
+    assert all(filecmp.cmp(local.path / f, ray_dir / f, shallow=False) for f in files)
+
+    bucket = f"s3://{BUCKET}/multinode-prepare"
+    in_bucket = ["--set", f"data.output_dir={bucket}/data", "--set", f"id_model.artifacts_dir={bucket}/artifacts",
+                 "--set", f"train.storage_path={bucket}/runs"]
+    r = run_job("prepare.py", "--config", config, "--no-stream", *in_bucket, "--set",
+                f"data.build_dir={tmp_path / 'scratch'}", cwd=work, env=env, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "[prepare] ray: scan tasks ran on 2 node(s)" in out and "uploaded s3://" in out, out[-3000:]
+    uploaded = f"{BUCKET}/multinode-prepare/data/{local.path.name}"
+    assert set(files) <= set(_files(s3, uploaded))
+    for f in files:
+        with s3.open_input_stream(f"{uploaded}/{f}") as stream:
+            assert stream.read() == (local.path / f).read_bytes(), f
+    assert list((tmp_path / "scratch").iterdir()) == []  # the build folder went with the upload
+
+    r = run_job("prepare.py", "--config", config, "--no-stream", *in_bucket, "--set",
+                f"data.output_dir={bucket}/data2", cwd=work, env=env, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "field 'data.engine'" in errors[0] and "this node has no CPU" in errors[0] \
+        and "IDLE_RAY_SHARED_STORAGE=1" in errors[0] and "data.engine: local" in errors[0], errors[0]
+    assert _files(s3, f"{BUCKET}/multinode-prepare/data2") == [], "nothing written to the bucket"

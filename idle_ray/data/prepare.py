@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from idle_ray import locations
 from idle_ray.build_once import BuildLock, build_locked, is_complete
 from idle_ray.data import readers
 from idle_ray.data.readers import DataError, fingerprint_files, input_files
+from idle_ray.locations import SHARED_STORAGE_ENV
 from idle_ray.data.sequences import (SEQUENCE_SCHEMA, Content, check_filtered, check_rating_kept, check_titles,
                                      natural_order, sorted_sequences, write_shards)
 
@@ -114,7 +116,8 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                     rows_per_shard: int = 500, train_targets_per_user: int = 0,
                     min_rating: float | None = None, columns: dict | None = None,
                     delimiter: str = ",", encoding: str = "utf-8", engine: str = "local",
-                    chunk_rows: int = 1_000_000, partitions: int = 0, log=print) -> PreparedDataset:
+                    chunk_rows: int = 1_000_000, partitions: int = 0, build_dir: str = "",
+                    log=print) -> PreparedDataset:
     """Read, filter, split and write a dataset; a cache hit returns the existing folder.
 
     ``min_rating``: keep rows rated >= it (before duplicate removal and k-core, as RecBole's
@@ -124,7 +127,8 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
     chunks of ``chunk_rows`` rows, ``partitions`` spill files, 0: from the input size), "ray" (the local
     engine's passes as Ray tasks, :mod:`idle_ray.data.prepare_ray`) or "memory" (the whole log in pandas,
     the reference the local engine is tested against). All write the same folder, so the engine is not
-    part of the fingerprint."""
+    part of the fingerprint. ``build_dir``: ``data.build_dir``, where an ``s3://`` / ``gs://`` output is
+    built before its upload."""
     if engine not in ENGINES:
         raise DataError("<config>", "data.engine", f"unknown engine {engine!r}", f"use one of {', '.join(ENGINES)}")
     files = input_files(dataset, path, items_path)
@@ -166,13 +170,14 @@ def prepare_dataset(dataset: str, output_dir: str | Path, *, path: str = "", ite
                 from idle_ray.data.prepare_ray import prepare_on_ray
                 content = prepare_on_ray(tmp, read_args, items_path, files, min_rating, min_user_interactions,
                                          min_item_interactions, rows_per_shard, log, chunk_rows, partitions,
-                                         shared_tmp=not locations.is_uri(final))
+                                         shared_tmp=bool(build_dir) if locations.is_uri(final)
+                                         else bool(os.environ.get(SHARED_STORAGE_ENV)))
             else:
                 content = _prepare_in_memory(tmp, read_args, items_path, files, min_rating, min_user_interactions,
                                              min_item_interactions, rows_per_shard, log)
             _write_vocab_and_manifest(tmp, content, dataset, files, settings, fp, train_targets_per_user)
 
-        build_locked(final, write, what="prepare", log=log)  # the caller holds the lock
+        build_locked(final, write, what="prepare", log=log, build_dir=build_dir)  # the caller holds the lock
         return load_prepared(final)
 
 

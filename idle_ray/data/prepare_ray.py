@@ -1,14 +1,16 @@
 """Distributed preparation (``data.engine: ray``): the local engine's passes as Ray tasks, its folder byte for byte.
 
-The per-row work runs in tasks; the driver holds only what is O(users + items): the distinct ids,
-the count arrays of the k-core and the dense-id maps (:mod:`idle_ray.data.spill`, shared with
+The per-row work runs in tasks; the driver holds the distinct ids, the count arrays of the k-core
+and the dense-id maps (O(users + items)) and the pieces' code maps (an int32 per distinct id of each piece) (:mod:`idle_ray.data.spill`, shared with
 :mod:`idle_ray.data.prepare_local`).
 
 1. scan: one task per piece of the input (:mod:`idle_ray.data.scan_pieces`: ranges of Parquet row
    groups; a CSV or atomic file is one piece), every reader check applied, rows spilled with
-   piece-local codes by a stable hash of the user id. The driver merges the pieces' distinct ids
-   in piece order, which is file order: the global codes are the local engine's first-appearance
-   codes. Bad input: the driver re-reads the input as the local engine does, so the error (its
+   piece-local codes by a stable hash of the user id, the piece's distinct ids to id files by a
+   stable hash of the id. One task per partition factorises that partition's ids of every piece
+   (:func:`scan_pieces.resolve_ids`); global codes are partition by partition, and the driver
+   builds each piece's code map from the tasks' answers (the prepared output does not depend on the
+   codes' order: dense ids come from the ids themselves). Bad input: the driver re-reads the input as the local engine does, so the error (its
    row, its counts) is the local engine's exactly;
 2. one task per partition: the pieces' files concatenated in piece order (each user's rows in file
    order), remapped to global codes, exact duplicates dropped (the first stays), users and items counted;
@@ -30,13 +32,11 @@ pinned too.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 
 from idle_ray.data import prepare_local, readers, scan_pieces
@@ -64,7 +64,13 @@ def _user_file(spill: Path, p: int) -> Path:
 
 @ray.remote(max_retries=0)
 def _scan(piece, read_args, min_rating, chunk_rows, spill, n_parts):
-    return scan_pieces.scan_piece(piece, read_args, min_rating, chunk_rows, spill, n_parts)
+    return {**scan_pieces.scan_piece(piece, read_args, min_rating, chunk_rows, spill, n_parts),
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+@ray.remote(max_retries=0)
+def _resolve_part(kind, q, spill, n_pieces):
+    return scan_pieces.resolve_ids(kind, q, spill, n_pieces)
 
 
 @ray.remote(max_retries=0)
@@ -116,11 +122,12 @@ def _write(r, spill, seq_dir, n_parts, first_shard, rows_per_shard):
 
 def prepare_on_ray(tmp: Path, read_args: dict, items_path: str, files: list[Path], min_rating, min_user: int,
                    min_item: int, rows_per_shard: int, log, chunk_rows: int = 1_000_000, partitions: int = 0,
-                   shared_tmp: bool = True) -> Content:
+                   shared_tmp: bool = False) -> Content:
     """Write ``tmp/sequences`` as :func:`prepare_local.prepare_out_of_core` does, with Ray tasks (joins
     the running Ray, or starts one on this machine and stops it after). ``partitions``: spill
-    partitions (0: from the input size, at least two per CPU of the cluster); ``shared_tmp``: False
-    when ``tmp`` is a local build folder (an ``s3://`` / ``gs://`` output), which pins the tasks."""
+    partitions (0: from the input size, at least two per CPU of the cluster); ``shared_tmp``: whether
+    ``tmp`` is on storage every node mounts (a local output with ``IDLE_RAY_SHARED_STORAGE=1``, or an
+    ``s3://`` / ``gs://`` output built in ``data.build_dir``); if not, the tasks are pinned to this node."""
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -130,16 +137,30 @@ def prepare_on_ray(tmp: Path, read_args: dict, items_path: str, files: list[Path
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_parts = partitions or min(prepare_local.MAX_PARTITIONS, max(prepare_local.partition_count(files), 2 * cpus))
         opts = {}
-        if not (shared_tmp and os.environ.get(SHARED_STORAGE_ENV)):  # the spill folder is on this node only
+        if not shared_tmp:  # the spill folder is on this node only
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                         soft=False)
+            here = ray.get_runtime_context().get_node_id()
+            _check_node_has_cpu(here, tmp)
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
         return _prepare(spill, tmp / "sequences", read_args, items_path, files, min_rating, min_user, min_item,
                         rows_per_shard, log, chunk_rows, n_parts, cpus, opts)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
         if started_ray:
             ray.shutdown()
+
+
+def _check_node_has_cpu(node_id: str, tmp: Path) -> None:
+    """Tasks pinned to the driver's node never start on a node without CPUs (a cluster's head often
+    has none): say so at once instead of waiting forever."""
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
+    if node.get("Resources", {}).get("CPU", 0) < 1:
+        raise DataError("<config>", "data.engine",
+                        f"'ray' builds in {tmp.parent}, a folder of this node only, so its tasks must run here, "
+                        f"and this node has no CPU (the cluster's other nodes cannot read the folder)",
+                        f"set data.build_dir to a folder every node mounts at the same path (an s3:// or gs:// "
+                        f"output), or put data.output_dir on such storage and set {SHARED_STORAGE_ENV}=1; or submit "
+                        f"the job to a node with CPUs, or use data.engine: local")
 
 
 def _raise_input_error(pieces, scans, read_args, chunk_rows) -> None:
@@ -167,17 +188,26 @@ def _scan_all(spill, read_args, min_rating, chunk_rows, n_parts, opts, log):
     log(f"[prepare] ray: {len(pieces)} scan task(s), {n_parts} partitions")
     scans = ray.get([_scan.options(**opts).remote(pc, read_args, min_rating, chunk_rows, spill, n_parts)
                      for pc in pieces])
+    log(f"[prepare] ray: scan tasks ran on {len({s['node'] for s in scans})} node(s)")
     kinds = {k for s in scans for _, k in s["kinds"] if k is not None}
     if any(s["error"] is not None for s in scans) or len(kinds) > 1 or sum(s["rows"] for s in scans) == 0:
         _raise_input_error(pieces, scans, read_args, chunk_rows)
-    # pd.unique keeps the first appearance, and the pieces are in file order: the local engine's codes
-    user_values = pd.unique(np.concatenate([s["users"] for s in scans]))
-    item_values = pd.unique(np.concatenate([s["items"] for s in scans]))
-    user_index, item_index = pd.Index(user_values), pd.Index(item_values)
-    user_maps = [user_index.get_indexer(s["users"]).astype(np.int32) for s in scans]
-    item_maps = [item_index.get_indexer(s["items"]).astype(np.int32) for s in scans]
+    user_values, user_maps = _resolve(spill, "u", [s["users"] for s in scans], n_parts, opts)
+    item_values, item_maps = _resolve(spill, "i", [s["items"] for s in scans], n_parts, opts)
     return (user_values, item_values, user_maps, item_maps, len(pieces), sum(s["rows"] for s in scans),
             sum(s["kept"] for s in scans))
+
+
+def _resolve(spill, kind, piece_sizes, n_parts, opts):
+    """``(distinct ids by global code, per piece: local code -> global code)`` from one task per partition."""
+    parts = ray.get([_resolve_part.options(**opts).remote(kind, q, spill, len(piece_sizes)) for q in range(n_parts)])
+    maps = [np.full(n, -1, np.int32) for n in piece_sizes]
+    base = 0
+    for distinct, per_piece in parts:
+        for k, codes, within in per_piece:
+            maps[k][codes] = base + within
+        base += len(distinct)
+    return np.concatenate([distinct for distinct, _ in parts]), maps
 
 
 def _prepare(spill, seq_dir, read_args, items_path, files, min_rating, min_user, min_item, rows_per_shard, log,

@@ -182,7 +182,7 @@ def prepare_from_config(cfg: ExperimentConfig, log=print) -> PreparedDataset:
                            min_item_interactions=d.min_item_interactions, rows_per_shard=d.rows_per_shard,
                            train_targets_per_user=d.train_targets_per_user, min_rating=d.min_rating,
                            columns=vars(d.columns), delimiter=d.delimiter, encoding=d.encoding, engine=d.engine,
-                           log=log)
+                           build_dir=d.build_dir, log=log)
 
 
 def id_artifact_dir(cfg: ExperimentConfig, prepared: PreparedDataset) -> Path | str:
