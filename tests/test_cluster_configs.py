@@ -219,9 +219,9 @@ def test_every_install_path_installs_what_setup_sh_installs():
     assert _pip_installs(runs) == {(f"requirements.txt", False), ("requirements-assets.txt", True)}
     assert re.search(rf"^ARG BASE=rayproject/ray:{re.escape(ray.__version__)}-py311-gpu$", docker, re.M)
     assets = {ln.split("==")[0] for ln in _requirements("requirements-assets.txt")}
-    from idle_ray.data import readers
+    from idle_ray.data import inputs
     from idle_ray.llm import backbone_cache
-    used = {readers.ML100K_FILES[0], readers.ML1M_FILES[0], backbone_cache.SMOLLM2_PACKAGE, backbone_cache.MINILM_PACKAGE}
+    used = {inputs.ML100K_FILES[0], inputs.ML1M_FILES[0], backbone_cache.SMOLLM2_PACKAGE, backbone_cache.MINILM_PACKAGE}
     assert used == assets, (used, assets)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from idle_ray.data import readers
+from idle_ray.data.inputs import input_files
+from idle_ray.data.tables import read_atomic, table_frames
 
 UNKNOWN = "unknown"
 GENRE_COLUMNS = ("genre", "class", "genres")  # the first present is read
@@ -26,11 +27,11 @@ def read_genres(dataset: str, items_path: str = "") -> dict[str, str]:
     """``{original item id: primary genre}``; empty when the data has no genres (ML-1M here has no
     item file; a CSV item table without a genre column)."""
     if dataset == "ml-100k":
-        raw = readers._read_atomic(readers.input_files(dataset)[1])
+        raw = read_atomic(input_files(dataset)[1])
     elif dataset == "atomic" and items_path:
-        raw = readers._read_atomic(Path(items_path))
+        raw = read_atomic(Path(items_path))
     elif dataset in ("csv", "parquet") and items_path:
-        raw = next(readers._table_frames(Path(items_path), None))
+        raw = next(table_frames(Path(items_path), None))
     else:
         return {}
     column = next((c for c in GENRE_COLUMNS if c in raw.columns), None)

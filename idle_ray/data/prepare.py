@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from idle_ray import locations
 from idle_ray.build_once import BuildLock, build_locked, is_complete
 from idle_ray.data import readers
-from idle_ray.data.readers import DataError, fingerprint_files, input_files
+from idle_ray.data.inputs import fingerprint_files, input_files
+from idle_ray.data.readers import DataError
 from idle_ray.locations import SHARED_STORAGE_ENV
 from idle_ray.data.sequences import (SEQUENCE_SCHEMA, Content, check_filtered, check_rating_kept, check_titles,
                                      natural_order, sorted_sequences, write_shards)

@@ -21,9 +21,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from idle_ray.data import readers
+from idle_ray.data.normalise import normalise_table_chunk
 from idle_ray.data.prepare_local import IdCodes
 from idle_ray.data.readers import DataError
 from idle_ray.data.spill import ROW, arrow_ids, factorize_ids, ids_payload, spill_rows
+from idle_ray.data.tables import is_parquet
 
 PIECE_ROWS = 250_000
 
@@ -44,7 +46,7 @@ class Piece:
 def list_pieces(read_args: dict, piece_rows: int) -> list[Piece]:
     """The pieces of the input, in file order (the order the local engine reads it in)."""
     path = Path(read_args["path"]) if read_args["path"] else None
-    if read_args["dataset"] == "parquet" and path is not None and path.exists() and readers.is_parquet(path):
+    if read_args["dataset"] == "parquet" and path is not None and path.exists() and is_parquet(path):
         try:
             dataset = ds.dataset(path, format="parquet", partitioning="hive")
             pieces, start = [], 0
@@ -83,8 +85,8 @@ def _frames(piece: Piece, read_args: dict, chunk_rows: int):
                         "re-export the file as Parquet, or use data.dataset: csv") from None
     table, offset = pa.Table.from_batches(pending, schema=pending[0].schema) if pending else None, 0
     while table is not None and offset < table.num_rows:
-        yield readers.normalise_table_chunk(table.slice(offset, chunk_rows).to_pandas(), file, read_args["columns"],
-                                            read_args["rating"], piece.first_row + offset)
+        yield normalise_table_chunk(table.slice(offset, chunk_rows).to_pandas(), file, read_args["columns"],
+                                    read_args["rating"], piece.first_row + offset)
         offset += chunk_rows
 
 
