@@ -12,12 +12,13 @@ import torch
 
 from idle_ray.adapter.alignment import DimensionAlignment
 from idle_ray.adapter.mmd import mmd2, mmd2_layers
-from idle_ray.adapter.model import VARIANTS, IDLEModel, is_trainable
+from idle_ray.adapter.model import VARIANTS, IDLEModel
 from idle_ray.adapter.refinement import (
     LayerwiseRefinement,
     capture_layer_inputs,
     inject_layer_inputs,
 )
+from idle_ray.adapter.trainable import is_trainable
 from idle_ray.llm.backbone import load_backbone
 from idle_ray.llm.prompts import PromptEncoder, split_template
 from idle_ray.models.sasrec import SASRec
@@ -324,11 +325,11 @@ def test_kv_split_forward_equals_full_forward(backbones, name, variant):
 
 @pytest.mark.parametrize("cap", [10_000, 7])
 def test_mmd_text_states_are_prefix_text_tokens_capped(backbones, monkeypatch, cap):
-    import idle_ray.adapter.model as model_module
+    import idle_ray.adapter.llm_pass as llm_pass
 
     calls = []
-    real = model_module.mmd2_layers
-    monkeypatch.setattr(model_module, "mmd2_layers", lambda x, y, **kw: calls.append((x[0], y[0])) or real(x, y, **kw))
+    real = llm_pass.mmd2_layers
+    monkeypatch.setattr(llm_pass, "mmd2_layers", lambda x, y, **kw: calls.append((x[0], y[0])) or real(x, y, **kw))
     bb = backbones["tiny-decoder"]
     model = make_model(bb, "idle_no_refine", mmd_max_text_states=cap)
     batch = make_batch(bb, "idle_no_refine", pad_to_max_tokens=False)
@@ -617,11 +618,11 @@ def test_scoring_in_length_sorted_chunks_equals_one_pass_in_row_order(backbones,
 def test_scoring_skips_mmd_and_leaves_the_global_rng_alone(backbones, monkeypatch, name, kv_split):
     """Scoring (no target) computes no MMD and draws no random text sample, so a validation before
     or between training steps does not change what training does next; training still does both."""
-    import idle_ray.adapter.model as model_module
+    import idle_ray.adapter.llm_pass as llm_pass
 
     calls = []
-    real = model_module.mmd2_layers
-    monkeypatch.setattr(model_module, "mmd2_layers", lambda x, y, **kw: calls.append(1) or real(x, y, **kw))
+    real = llm_pass.mmd2_layers
+    monkeypatch.setattr(llm_pass, "mmd2_layers", lambda x, y, **kw: calls.append(1) or real(x, y, **kw))
     bb = backbones[name]
     model = make_model(bb, "idle", mmd_max_text_states=7, kv_split=kv_split).eval()  # 7 < text tokens: a draw
     batch = make_batch(bb, "idle", pad_to_max_tokens=False)

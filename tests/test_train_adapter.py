@@ -50,7 +50,7 @@ def adapter_cfg(tmp, **over):
 # ZeRO-1 (~2 min) is slow: between ZeRO-2 (the default) and ZeRO-3 (every parameter partitioned), both kept
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
 def test_zero_stage_trains_and_resumes(id_artifact, stage):
-    from idle_ray.adapter.model import is_trainable
+    from idle_ray.adapter.trainable import is_trainable
     from idle_ray.train.launch import run_training
     tmp, prepared, artifact = id_artifact
     name = f"zero{stage}"

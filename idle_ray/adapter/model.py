@@ -25,12 +25,8 @@ Forward (variant ``idle``):
    mean is estimated on at most ``mmd_within_sample_cap`` of the text states (unbiased, same
    gradient; see :mod:`idle_ray.adapter.mmd`).
 
-Decoder fast path (``kv_split=True``): with ``{id_tokens}`` after the history, the prefix does
-not depend on the adapter. It runs once under ``torch.no_grad`` with ``use_cache=True``; only
-the tail (``k`` ID tokens + suffix) runs with autograd, on top of the prefix's KV cache, with
-``position_ids = cumsum(attention_mask) - 1`` (left padding) and the full attention mask. This
-equals one full forward with the same hooks (tested to 1e-5 in fp32). Encoders
-(bidirectional) and LLaRA (slots inside the prefix) run one full forward with autograd.
+How the LLM runs (the decoder fast path ``kv_split``, what "the input of layer 0" is, the
+trimming of padded batches): :mod:`idle_ray.adapter.llm_pass`.
 
 Variants (constructor argument ``variant``; everything else is shared):
 
@@ -43,13 +39,8 @@ Variants (constructor argument ``variant``; everything else is shared):
   mapped by one MLP ``d -> w -> D`` into the slot token after its title (``item_pos`` /
   ``item_ids`` from ``PromptEncoder(item_slots=True)``), at the input of layer 0; no MMD.
 
-"The input layer" is the input of transformer block 0, i.e. after token + position embeddings
-(and BERT's embedding LayerNorm): at initialisation ``idle_no_refine`` and ``idle`` feed
-block 0 the same tokens ``h``. Batches padded to a fixed width (``PromptEncoder``'s default,
-so Ray Data can re-batch) are first trimmed of columns that are padding in every row.
-
-Trainable = parameters whose name starts with ``adapter.`` (:func:`is_trainable`); the same
-predicate sets ``requires_grad``, builds the optimizer's list and filters the checkpoint.
+Trainable = parameters whose name starts with ``adapter.``; that one predicate sets ``requires_grad``,
+builds the optimizer's list and filters the checkpoint (:mod:`idle_ray.adapter.trainable`).
 
 Batch (torch tensors or numpy arrays; from :class:`idle_ray.llm.prompts.PromptEncoder` plus the
 sample columns): ``input_ids``, ``attention_mask``, ``text_mask``, ``id_start``,
@@ -59,7 +50,6 @@ sample columns): ``input_ids``, ``attention_mask``, ``text_mask``, ``id_start``,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -68,19 +58,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idle_ray.adapter.alignment import DimensionAlignment
-from idle_ray.adapter.mmd import mmd2_layers
-from idle_ray.adapter.refinement import (
-    LayerwiseRefinement,
-    block_positions,
-    capture_layer_inputs,
-    inject_layer_inputs,
-)
+from idle_ray.adapter.head import OutputHead
+from idle_ray.adapter.llm_pass import LLMPassMixin
+from idle_ray.adapter.refinement import LayerwiseRefinement
+from idle_ray.adapter.trainable import AdapterStateMixin, is_trainable
 from idle_ray.llm.backbone import Backbone
 
 VARIANTS = ("llm_only", "llara", "idle", "idle_no_refine", "idle_no_mmd")
 FUSIONS = ("residual", "none")
-ADAPTER_PREFIX = "adapter."
-TEXT_KEYS = ("input_ids", "attention_mask", "text_mask")
 PREDICT_CHUNK = 32  # rows per scoring chunk (IDLEModel.full_sort_predict)
 
 
@@ -91,46 +76,6 @@ def _take_rows(value, idx: Tensor):
     if isinstance(value, np.ndarray):
         return value[idx.numpy()]
     return [value[i] for i in idx.tolist()]
-
-
-def is_trainable(name: str) -> bool:
-    """THE predicate: a parameter (or checkpoint entry) trains iff it belongs to the adapter."""
-    return name.startswith(ADAPTER_PREFIX)
-
-
-class OutputHead(nn.Module):
-    """``z = W_o r + b_o`` and ``scores = z · item_tableᵀ + item_bias``, padding column ``-inf``.
-
-    The item bias lives here (not loose on the container) so that it is used inside a module
-    forward, where DeepSpeed ZeRO-3 gathers a partitioned parameter.
-
-    Args:
-        hidden_size: ``D``, width of the read-out state.
-        id_dim: ``d``, width of the ID model's item table.
-        num_rows: ``N + 1``, rows of the item table.
-        use_item_bias: add a trainable per-item bias (zero-initialised).
-    """
-
-    def __init__(self, hidden_size: int, id_dim: int, num_rows: int, use_item_bias: bool, zero_init: bool = False):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, id_dim)  # W_o, b_o
-        if zero_init:  # score fusion: the head starts as "no correction" of the ID model's state
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        self.item_bias = nn.Parameter(torch.zeros(num_rows)) if use_item_bias else None
-
-    def forward(self, readout: Tensor, item_table: Tensor, user_state: Tensor | None = None) -> Tensor:
-        """``readout (B, D)``, ``item_table (N + 1, d)``, optional fused ``user_state (B, d)`` ->
-        ``scores (B, N + 1)``."""
-        z = self.proj(readout.to(self.proj.weight.dtype))  # (B, d)
-        if user_state is not None:
-            z = user_state.to(z.dtype) + z
-        scores = z @ item_table.to(z.dtype).transpose(0, 1)  # (B, N + 1)
-        if self.item_bias is not None:
-            scores = scores + self.item_bias.to(scores.dtype)
-        pad = torch.zeros_like(scores[0], dtype=torch.bool)
-        pad[0] = True
-        return scores.masked_fill(pad, float("-inf"))
 
 
 class _Adapter(nn.Module):
@@ -144,7 +89,7 @@ class _Adapter(nn.Module):
         self.head: OutputHead | None = None
 
 
-class IDLEModel(nn.Module):
+class IDLEModel(AdapterStateMixin, LLMPassMixin, nn.Module):
     """Frozen backbone + frozen ID model + trainable adapter and output head.
 
     Args:
@@ -165,7 +110,7 @@ class IDLEModel(nn.Module):
             gradient is unchanged, and the work per layer drops from (text states)² to cap².
             ``None``: every row.
         use_item_bias: add a trainable per-item bias to the scores (zero-initialised).
-        kv_split: decoders run the prefix once without autograd (see module docstring).
+        kv_split: decoders run the prefix once without autograd (see :mod:`idle_ray.adapter.llm_pass`).
         fusion: ``"residual"`` (``z = u + W_o r + b_o``, zero-initialised head) or ``"none"``
             (``z = W_o r + b_o``); ignored (``"none"``) for ``llm_only``.
     """
@@ -242,10 +187,7 @@ class IDLEModel(nn.Module):
             param.requires_grad_(is_trainable(name))
         self.train(False)
 
-    # ------------------------------------------------------------------ trainable part
-
-    def is_trainable(self, name: str) -> bool:
-        return is_trainable(name)
+    # ------------------------------------------------------------------ mode
 
     def train(self, mode: bool = True) -> IDLEModel:
         """Only the adapter switches mode: the frozen LLM and ID model always run in eval mode."""
@@ -253,59 +195,6 @@ class IDLEModel(nn.Module):
         self.llm.eval()
         self.id_model.eval()
         return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The optimizer's parameter list (same predicate as ``requires_grad`` and checkpoints)."""
-        return [p for n, p in self.named_parameters() if is_trainable(n)]
-
-    def parameter_counts(self) -> dict[str, int]:
-        counts = {"trainable": 0, "frozen": 0}
-        for name, param in self.named_parameters():
-            counts["trainable" if is_trainable(name) else "frozen"] += param.numel()
-        return counts
-
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        """Checkpoint content: the trainable entries of ``state_dict()``, full names."""
-        return {k: v for k, v in self.state_dict().items() if is_trainable(k)}
-
-    def load_adapter_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Load an :meth:`adapter_state_dict`; keys must match exactly."""
-        expected = set(self.adapter_state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise KeyError(f"adapter checkpoint mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        self.load_state_dict(dict(state), strict=False)
-
-    def checkpoint_metadata(self) -> dict[str, str]:
-        return {
-            "variant": self.variant,
-            "prompt_length": str(self.prompt_length),
-            "hidden_size": str(self.backbone.hidden_size),
-            "backbone": self.backbone.name,
-            "mmd_layers": json.dumps(list(self.mmd_layers)),
-            "fusion": self.fusion,
-        }
-
-    def save_adapter(self, path: str) -> None:
-        """Write the trainable part as safetensors (with variant/shape metadata)."""
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(path), metadata=self.checkpoint_metadata())
-
-    def load_adapter(self, path: str) -> None:
-        """Read :meth:`save_adapter` output; the variant and prompt length must match."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        mine = self.checkpoint_metadata()
-        for key in ("variant", "prompt_length", "hidden_size", "fusion"):
-            if key in meta and meta[key] != mine[key]:
-                raise ValueError(f"adapter checkpoint {key}={meta[key]!r} does not match this model's {mine[key]!r}")
-        device = next(self.adapter.parameters()).device
-        self.load_adapter_state_dict(load_file(str(path), device=str(device)))
 
     # ------------------------------------------------------------------ forward
 
@@ -421,142 +310,3 @@ class IDLEModel(nn.Module):
         if self.variant == "llara" and ("item_pos" not in out or "item_ids" not in out):
             raise ValueError("variant 'llara' needs item_pos/item_ids: use PromptEncoder(item_slots=True)")
         return self._trim_padding(out)
-
-    def _trim_padding(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Drop columns that are padding in every row (fixed-width batches from Ray Data)."""
-        real = batch["attention_mask"].bool().any(dim=0)  # (T,)
-        cols = torch.nonzero(real).flatten()
-        first, last = int(cols[0]), int(cols[-1]) + 1
-        if first == 0 and last == real.shape[0]:
-            return batch
-        for key in TEXT_KEYS:
-            if key in batch:
-                batch[key] = batch[key][:, first:last]
-        batch["id_start"] = batch["id_start"] - first
-        if "item_pos" in batch:
-            batch["item_pos"] = torch.where(batch["item_pos"] >= 0, batch["item_pos"] - first, -1)
-        return batch
-
-    def _position_ids(self, attention_mask: Tensor) -> Tensor | None:
-        if self.kind != "decoder":
-            return None  # encoders are right-padded: the model's default positions are right
-        return (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # (B, T); left padding
-
-    def _sample_text_positions(self, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Flat (batch, time) indices of at most ``mmd_max_text_states`` random text positions."""
-        b_idx, t_idx = torch.nonzero(text_mask, as_tuple=True)
-        if b_idx.numel() > self.mmd_max_text_states:
-            keep = torch.randperm(b_idx.numel(), device=b_idx.device)[: self.mmd_max_text_states]
-            keep = keep.sort().values
-            b_idx, t_idx = b_idx[keep], t_idx[keep]
-        return b_idx, t_idx
-
-    def _id_token_values(self, user_state: Tensor, with_mmd: bool = True) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-        """``(inject, mmd_tokens)``: per layer, the (B·k, D) values written at the ID positions,
-        and the ID-token sets that enter the MMD."""
-        align = self.adapter.alignment
-        h = align(user_state.to(align.fc_in.weight.dtype))  # (B, k, D)
-        batch_size, k, hidden = h.shape
-        refinement = self.adapter.refinement
-        per_layer = dict(zip(refinement.layer_ids, refinement(h))) if refinement is not None else {}
-        inject = {layer: p.reshape(batch_size * k, hidden) for layer, p in per_layer.items()}
-        if 0 not in inject:
-            inject[0] = h.reshape(batch_size * k, hidden)  # layer 0 always sees ID tokens
-        wanted = with_mmd and self.mmd_weight > 0
-        mmd_tokens = {layer: inject[layer] for layer in self.mmd_layers} if wanted else {}
-        return inject, mmd_tokens
-
-    def _llara_values(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        item_pos, item_ids = batch["item_pos"], batch["item_ids"]
-        b_idx, h_idx = torch.nonzero(item_pos >= 0, as_tuple=True)
-        with torch.no_grad():
-            emb = self.item_table_frozen[item_ids[b_idx, h_idx]]  # (M, d)
-        values = self.adapter.item_proj(emb.to(self.adapter.head.proj.weight.dtype))  # (M, D)
-        return b_idx, item_pos[b_idx, h_idx], values
-
-    def _encode(
-        self, batch: dict[str, Tensor], user_state: Tensor | None, with_mmd: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        """Run the LLM with the adapter attached -> ``(readout (B, D), mmd scalar)``; the MMD is
-        0 (not computed, no random text sample drawn) when ``with_mmd`` is false."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        layers = self.backbone.layers
-        zero = torch.zeros((), device=ids.device)
-        if self.variant == "llm_only":
-            with torch.no_grad():
-                out = self.llm(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
-            return self._readout(out.last_hidden_state, mask), zero
-        if self.variant == "llara":
-            b_idx, t_idx, values = self._llara_values(batch)
-            with inject_layer_inputs(layers, {0: values}, b_idx, t_idx):
-                out = self.llm(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
-            return self._readout(out.last_hidden_state, mask), zero
-
-        inject, mmd_tokens = self._id_token_values(user_state, with_mmd)
-        k = self.prompt_length
-        id_start = batch["id_start"]
-        if self.kind == "decoder" and self.kv_split:
-            prefix = int(id_start[0])
-            if bool((id_start != prefix).any()):
-                raise ValueError("decoder batches must align the ID tokens at one column (left-pad the prefix)")
-            if prefix > 0:
-                hidden, text_states = self._split_forward(batch, inject, prefix, bool(mmd_tokens))
-                return self._readout(hidden, mask), self._mmd(mmd_tokens, text_states)
-        text_mask = batch["text_mask"]
-        if self.kind == "decoder":
-            # decoders: the MMD text states are prefix states (as in the split path)
-            cols = torch.arange(ids.shape[1], device=ids.device)
-            text_mask = text_mask * (cols.unsqueeze(0) < id_start.unsqueeze(1))
-        b_txt, t_txt = self._sample_text_positions(text_mask) if mmd_tokens else (None, None)
-        b_ids, t_ids = block_positions(id_start, k)
-        with capture_layer_inputs(layers, list(mmd_tokens), b_txt, t_txt) as text_states:
-            with inject_layer_inputs(layers, inject, b_ids, t_ids):
-                out = self.llm(input_ids=ids, attention_mask=mask, position_ids=self._position_ids(mask))
-        return self._readout(out.last_hidden_state, mask), self._mmd(mmd_tokens, text_states)
-
-    def _split_forward(
-        self, batch: dict[str, Tensor], inject: dict[int, Tensor], prefix: int, want_text: bool
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Decoder: no-grad prefix pass (KV cache + MMD text states), then the tail with grad."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        layers = self.backbone.layers
-        positions = self._position_ids(mask)  # (B, T)
-        mmd_layers = list(self.mmd_layers) if want_text else []
-        b_txt, t_txt = self._sample_text_positions(batch["text_mask"][:, :prefix]) if want_text else (None, None)
-        with torch.no_grad(), capture_layer_inputs(layers, mmd_layers, b_txt, t_txt) as text_states:
-            out = self.llm(
-                input_ids=ids[:, :prefix],
-                attention_mask=mask[:, :prefix],
-                position_ids=positions[:, :prefix],
-                use_cache=True,
-            )
-        tail_embeds = self.backbone.embed_tokens(ids[:, prefix:])  # (B, T - P, D)
-        batch_size = ids.shape[0]
-        zeros = torch.zeros(batch_size, dtype=torch.long, device=ids.device)
-        b_ids, t_ids = block_positions(zeros, self.prompt_length)  # ID tokens open the tail
-        with inject_layer_inputs(layers, inject, b_ids, t_ids):
-            out = self.llm(
-                inputs_embeds=tail_embeds,
-                attention_mask=mask,
-                position_ids=positions[:, prefix:],
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-        return out.last_hidden_state, text_states  # (B, T - P, D)
-
-    def _readout(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """``(B, T', D)`` final hidden states -> ``r (B, D)``: last column (decoder; the
-        layout puts a real token there) or mean over real tokens (encoder)."""
-        if self.kind == "decoder":
-            return hidden[:, -1]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-
-    def _mmd(self, mmd_tokens: dict[int, Tensor], text_states: dict[int, Tensor]) -> Tensor:
-        if not mmd_tokens:
-            device = self.adapter.head.proj.weight.device
-            return torch.zeros((), device=device)
-        layers = list(mmd_tokens)
-        tokens = torch.stack([mmd_tokens[layer] for layer in layers])  # (L, B·k, D)
-        text = torch.stack([text_states[layer] for layer in layers])  # (L, m, D): one subsample
-        return mmd2_layers(tokens, text, within_sample_cap=self.mmd_within_sample_cap).mean()
