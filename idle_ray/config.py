@@ -513,12 +513,13 @@ def id_model_settings(id_model: dict) -> dict:
 def config_hash(cfg) -> str:
     """Stable short hash of a (sub-)config or plain dict, recorded with every result. The ``serve``
     section (how a trained model is served), the ``study`` section (which cells a study runs; a
-    study hashes it itself), ``adapter.anchor_weight`` (how a trained adapter is scored) and
-    ``id_model.artifacts_dir`` (where ID models are kept) are left out: they never change what is
-    trained."""
+    study hashes it itself), ``adapter.anchor_weight`` (how a trained adapter is scored),
+    ``id_model.artifacts_dir`` (where ID models are kept) and ``data.build_dir`` (where a prepared
+    dataset is built before its upload) are left out: they never change what is trained."""
     d = cfg if isinstance(cfg, dict) else to_dict(cfg)
     if isinstance(cfg, ExperimentConfig):
         d = {k: v for k, v in d.items() if k not in ("serve", "study")}
+        d["data"] = {k: v for k, v in d["data"].items() if k != "build_dir"}
         d["adapter"] = {k: v for k, v in d["adapter"].items() if k != "anchor_weight"}
         d["id_model"] = id_model_settings(d["id_model"])
     blob = json.dumps(d, sort_keys=True, default=str).encode()

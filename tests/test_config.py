@@ -71,6 +71,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_config_hash_changes_with_content():
     assert config_hash(load_config(None)) == config_hash(load_config(None))
     assert config_hash(load_config(None)) != config_hash(load_config(None, ["seed=1"]))
+    # where things are kept is no part of what is trained: run names and cached results stay
+    for where in ("id_model.artifacts_dir=s3://b/artifacts", "data.build_dir=/mnt/shared/build"):
+        assert config_hash(load_config(None, [where])) == config_hash(load_config(None))
+    # the main job's hash, which its pooled three-seed results (README) carry
+    assert config_hash(load_config(ROOT / "configs" / "main_ml100k.yaml")) == "29cdf1a76055"
 
 
 def test_kv_split_setting():

@@ -102,7 +102,7 @@ def _id_file(spill: Path, kind: str, piece: int, part: int) -> Path:
     return spill / f"{kind}id-{piece:05d}-{part:04d}.pkl"
 
 
-def _write_ids(spill: Path, kind: str, piece: int, values: np.ndarray, parts: np.ndarray, n_parts: int) -> None:
+def _write_ids(spill: Path, kind: str, piece: int, values: np.ndarray, parts: np.ndarray) -> None:
     """The piece's distinct ids by partition: ``(local codes, ids)`` per file (pickles of this build's own
     temp folder, read once by :func:`resolve_ids`; ids may be any value the readers give)."""
     arrow, listed = arrow_ids(values), values.tolist()
@@ -160,8 +160,8 @@ def scan_piece(piece: Piece, read_args: dict, min_rating, chunk_rows: int, spill
             kept += len(rows)
             spill_rows(paths, rows, part)
         user_values, item_values = users.values(), items.values()
-        _write_ids(spill, "u", piece.index, user_values, user_part, n_parts)
-        _write_ids(spill, "i", piece.index, item_values, id_partitions(item_values, n_parts), n_parts)
+        _write_ids(spill, "u", piece.index, user_values, user_part)
+        _write_ids(spill, "i", piece.index, item_values, id_partitions(item_values, n_parts))
     except DataError as e:
         error = e
     return {"users": len(users), "items": len(items), "rows": n_rows, "kept": kept, "kinds": kinds, "error": error}
