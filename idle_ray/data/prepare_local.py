@@ -28,7 +28,6 @@ the log's size, and factorising an id file works on one partition's users.
 """
 from __future__ import annotations
 
-import pickle
 import shutil
 import time
 from pathlib import Path
@@ -38,8 +37,9 @@ import pandas as pd
 
 from idle_ray.data import readers
 from idle_ray.data.sequences import Content, check_filtered, check_rating_kept, check_titles
-from idle_ray.data.spill import (ROW, arrow_ids, count_rows, dense_maps, drop_duplicates, first_rows_in, ids_payload,
-                                 k_core_counts, factorize_ids, peak_rss, shard_ranges, spill_rows, to_dense, write_range)
+from idle_ray.data.spill import (ROW, count_rows, dense_maps, drop_duplicates, factorize_ids, first_rows_in,
+                                 k_core_counts, peak_rss, read_ids, shard_ranges, spill_rows, to_dense, write_ids,
+                                 write_range)
 
 ROWS_PER_RANGE = 2_000_000     # rows per sort in the last pass (about 24 bytes each, a few copies)
 INPUT_BYTES_PER_PARTITION = 32 << 20
@@ -86,11 +86,10 @@ class DeferredIds:
     """User ids without a global dictionary during the scan (see the module docstring).
 
     :meth:`encode` gives each row its code local to its chunk and writes the chunk's distinct ids to
-    ``ids-<partition>.pkl`` as ``(keys, ids)`` records, a key being ``first row of the chunk + local
-    code`` (unique, and ascending in each file). :meth:`resolve` reads one partition's file and
-    returns its keys, the code of each key within the partition and the partition's distinct ids.
-    The files are pickles this process wrote into the build's own temp folder (ids may be any value
-    the readers give: integers beyond int64 included) and read back once."""
+    ``ids-<partition>.pkl`` as ``(keys, ids)`` records (:func:`spill.write_ids`), a key being ``first
+    row of the chunk + local code`` (unique, and ascending in each file). :meth:`resolve` reads one
+    partition's file and returns its keys, the code of each key within the partition and the
+    partition's distinct ids."""
 
     def __init__(self, folder: Path, n_parts: int):
         self.paths = [folder / f"ids-{p:04d}.pkl" for p in range(n_parts)]
@@ -98,36 +97,17 @@ class DeferredIds:
     def encode(self, ids: pd.Series, first_row: int) -> tuple[np.ndarray, np.ndarray]:
         """``(local codes (n,) int32, partition of each row (n,))`` of a chunk starting at ``first_row``."""
         codes, uniq = pd.factorize(ids)
-        values = uniq.tolist()
-        arrow = arrow_ids(uniq)
-        part = hash_partitions(values, len(self.paths))
-        order = np.argsort(part, kind="stable")
-        ends = np.cumsum(np.bincount(part, minlength=len(self.paths)))
-        for p, (lo, hi) in enumerate(zip(np.concatenate(([0], ends[:-1])), ends)):
-            if hi > lo:
-                at = order[lo:hi]
-                with open(self.paths[p], "ab") as f:
-                    pickle.dump((first_row + at, ids_payload(arrow, values, at)), f, protocol=pickle.HIGHEST_PROTOCOL)
+        part = hash_partitions(uniq.tolist(), len(self.paths))
+        write_ids(self.paths.__getitem__, first_row + np.arange(len(uniq)), uniq, part, len(self.paths))
         return codes.astype(np.int32), part[codes].astype(np.int64)
 
     def resolve(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(keys (k,) ascending, code within the partition (k,), distinct ids (u,) object)`` of partition ``p``."""
-        keys, payloads = [], []
-        path = self.paths[p]
-        if path.exists():
-            with open(path, "rb") as f:
-                while True:
-                    try:
-                        k, v = pickle.load(f)
-                    except EOFError:
-                        break
-                    keys.append(k)
-                    payloads.append(v)
-            path.unlink()
-        if not keys:
+        records = read_ids(self.paths[p])
+        if not records:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.array([], dtype=object)
-        codes, distinct = factorize_ids(payloads)
-        return np.concatenate(keys), codes, distinct
+        codes, distinct = factorize_ids([ids for _, ids in records])
+        return np.concatenate([keys for keys, _ in records]), codes, distinct
 
 
 def partition_count(files: list[Path]) -> int:
@@ -169,12 +149,13 @@ def _resolve_dedup_and_count(paths: list[Path], users: DeferredIds, starts: np.n
         rows = np.fromfile(path, ROW)
         if len(rows):
             chunk_first = starts[np.searchsorted(starts, rows["row"], side="right") - 1]
-            rows["user"] = base + codes[np.searchsorted(keys, chunk_first + rows["user"])]
+            rows["user"] = codes[np.searchsorted(keys, chunk_first + rows["user"])]  # within the partition
             rows, d = drop_duplicates(rows)
             dropped += d
-            rows.tofile(path)
-        uc, ic = count_rows(rows, base + len(uniq), n_items)
-        ucounts.append(uc[base:])
+        uc, ic = count_rows(rows, len(uniq), n_items)
+        rows["user"] += base
+        rows.tofile(path)
+        ucounts.append(uc)
         icount += ic
         user_values.append(uniq)
         base += len(uniq)

@@ -1,7 +1,8 @@
 """Distributed preparation (``data.engine: ray``): the local engine's passes as Ray tasks, its folder byte for byte.
 
 The per-row work runs in tasks; the driver holds the distinct ids, the count arrays of the k-core
-and the dense-id maps (O(users + items)) and the pieces' code maps (an int32 per distinct id of each piece) (:mod:`idle_ray.data.spill`, shared with
+and the dense-id maps (O(users + items)) and the pieces' code maps (an int32 per distinct id of each
+piece) (:mod:`idle_ray.data.spill`, shared with
 :mod:`idle_ray.data.prepare_local`).
 
 1. scan: one task per piece of the input (:mod:`idle_ray.data.scan_pieces`: ranges of Parquet row
@@ -10,7 +11,8 @@ and the dense-id maps (O(users + items)) and the pieces' code maps (an int32 per
    stable hash of the id. One task per partition factorises that partition's ids of every piece
    (:func:`scan_pieces.resolve_ids`); global codes are partition by partition, and the driver
    builds each piece's code map from the tasks' answers (the prepared output does not depend on the
-   codes' order: dense ids come from the ids themselves). Bad input: the driver re-reads the input as the local engine does, so the error (its
+   codes' order: dense ids come from the ids themselves). Bad input: the driver re-reads the input
+   as the local engine does, so the error (its
    row, its counts) is the local engine's exactly;
 2. one task per partition: the pieces' files concatenated in piece order (each user's rows in file
    order), remapped to global codes, exact duplicates dropped (the first stays), users and items counted;

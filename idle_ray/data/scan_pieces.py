@@ -11,7 +11,6 @@ pieces they were ~80M Python strings).
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from idle_ray.data import readers
 from idle_ray.data.normalise import normalise_table_chunk
 from idle_ray.data.prepare_local import IdCodes
 from idle_ray.data.readers import DataError
-from idle_ray.data.spill import ROW, arrow_ids, factorize_ids, ids_payload, spill_rows
+from idle_ray.data.spill import ROW, factorize_ids, read_ids, spill_rows, write_ids
 from idle_ray.data.tables import is_parquet
 
 PIECE_ROWS = 250_000
@@ -102,30 +101,16 @@ def _id_file(spill: Path, kind: str, piece: int, part: int) -> Path:
     return spill / f"{kind}id-{piece:05d}-{part:04d}.pkl"
 
 
-def _write_ids(spill: Path, kind: str, piece: int, values: np.ndarray, parts: np.ndarray) -> None:
-    """The piece's distinct ids by partition: ``(local codes, ids)`` per file (pickles of this build's own
-    temp folder, read once by :func:`resolve_ids`; ids may be any value the readers give)."""
-    arrow, listed = arrow_ids(values), values.tolist()
-    for q in np.unique(parts).tolist():
-        codes = np.flatnonzero(parts == q).astype(np.int32)
-        with open(_id_file(spill, kind, piece, q), "wb") as f:
-            pickle.dump((codes, ids_payload(arrow, listed, codes)), f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def resolve_ids(kind: str, part: int, spill: Path, n_pieces: int):
     """Partition ``part`` of the ``kind`` ("u" or "i") ids of every piece, in piece order: ``(distinct ids
     (first-appearance order), [(piece, its local codes, their codes within the partition)])``. The id
     files are removed."""
     per_piece, payloads, n = [], [], 0
     for k in range(n_pieces):
-        path = _id_file(spill, kind, k, part)
-        if path.exists():
-            with open(path, "rb") as f:
-                codes, v = pickle.load(f)
-            path.unlink()
-            per_piece.append((k, codes, n, n + len(v)))
-            payloads.append(v)
-            n += len(v)
+        for codes, ids in read_ids(_id_file(spill, kind, k, part)):
+            per_piece.append((k, codes, n, n + len(ids)))
+            payloads.append(ids)
+            n += len(ids)
     within, distinct = factorize_ids(payloads)
     return distinct, [(k, codes, within[lo:hi].astype(np.int32)) for k, codes, lo, hi in per_piece]
 
@@ -159,9 +144,9 @@ def scan_piece(piece: Piece, read_args: dict, min_rating, chunk_rows: int, spill
                 rows, part = rows[keep], part[keep]
             kept += len(rows)
             spill_rows(paths, rows, part)
-        user_values, item_values = users.values(), items.values()
-        _write_ids(spill, "u", piece.index, user_values, user_part)
-        _write_ids(spill, "i", piece.index, item_values, id_partitions(item_values, n_parts))
+        for kind, seen, parts in (("u", users, user_part), ("i", items, id_partitions(items.values(), n_parts))):
+            write_ids(lambda q: _id_file(spill, kind, piece.index, q), np.arange(len(seen), dtype=np.int32),
+                      seen.values(), parts, n_parts)
     except DataError as e:
         error = e
     return {"users": len(users), "items": len(items), "rows": n_rows, "kept": kept, "kinds": kinds, "error": error}

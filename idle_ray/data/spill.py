@@ -6,6 +6,7 @@ where the files live and who runs the steps, so the engines' prepared folders ar
 """
 from __future__ import annotations
 
+import pickle
 import resource
 from pathlib import Path
 
@@ -23,15 +24,20 @@ def peak_rss() -> str:
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB"
 
 
-def spill_rows(paths: list[Path], rows: np.ndarray, part: np.ndarray) -> None:
-    """Append ``rows`` to ``paths[part]`` (file order kept within each)."""
+def by_partition(part: np.ndarray, n: int):
+    """``(p, positions)`` for every partition ``p`` in ``range(n)`` that ``part`` names, positions ascending."""
     order = np.argsort(part, kind="stable")
-    ends = np.cumsum(np.bincount(part, minlength=len(paths)))
-    rows = rows[order]
+    ends = np.cumsum(np.bincount(part, minlength=n))
     for p, (lo, hi) in enumerate(zip(np.concatenate(([0], ends[:-1])), ends)):
         if hi > lo:
-            with open(paths[p], "ab") as f:
-                rows[lo:hi].tofile(f)
+            yield p, order[lo:hi]
+
+
+def spill_rows(paths: list[Path], rows: np.ndarray, part: np.ndarray) -> None:
+    """Append ``rows`` to ``paths[part]`` (file order kept within each)."""
+    for p, at in by_partition(part, len(paths)):
+        with open(paths[p], "ab") as f:
+            rows[at].tofile(f)
 
 
 def drop_duplicates(rows: np.ndarray) -> tuple[np.ndarray, int]:
@@ -140,24 +146,46 @@ def dense_maps(user_values: np.ndarray, item_values: np.ndarray, ucount: np.ndar
     return user_order, dense_u, item_order, dense_i, lengths
 
 
-def arrow_ids(uniq) -> pa.Array | None:
+def _arrow_ids(ids) -> pa.Array | None:
     """Distinct ids as an Arrow array when Arrow holds them exactly (strings, integers up to 64 bits),
     else None (the Python objects are kept): id files then cost ~1/6 of pickling each id on its own."""
     try:
-        arr = pa.array(uniq)
+        arr = pa.array(ids)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError):
         return None
     t = arr.type
     return arr if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) else None
 
 
-def ids_payload(arrow: pa.Array | None, values: list, at: np.ndarray):
-    """The ids at positions ``at`` (of :func:`arrow_ids`' array, else of ``values``), as written to an id file."""
-    return arrow.take(pa.array(at)) if arrow is not None else [values[i] for i in at.tolist()]
+def write_ids(path_of, keys: np.ndarray, ids, part: np.ndarray, n: int) -> None:
+    """Append ``(keys[at], the ids at at)`` to ``path_of(p)`` for every partition ``p`` of ``part`` (``ids``:
+    distinct ids, a pandas Index or an object array). Id files are pickles of the build's own temp
+    folder, read back once by :func:`read_ids` (ids may be any value the readers give: integers
+    beyond int64 included)."""
+    arrow = _arrow_ids(ids)
+    listed = ids.tolist() if arrow is None else None
+    for p, at in by_partition(part, n):
+        payload = arrow.take(pa.array(at)) if arrow is not None else [listed[i] for i in at.tolist()]
+        with open(path_of(p), "ab") as f:
+            pickle.dump((keys[at], payload), f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_ids(path: Path) -> list[tuple[np.ndarray, object]]:
+    """Every ``(keys, ids)`` record :func:`write_ids` appended to ``path``, in order; the file is removed."""
+    records = []
+    if path.exists():
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    records.append(pickle.load(f))
+                except EOFError:
+                    break
+        path.unlink()
+    return records
 
 
 def factorize_ids(parts: list) -> tuple[np.ndarray, np.ndarray]:
-    """``(code of each id (n,) int64, distinct ids (u,) object)`` over the payloads of :func:`ids_payload`
+    """``(code of each id (n,) int64, distinct ids (u,) object)`` over the ids of :func:`read_ids`' records
     in order, codes in order of first appearance."""
     if parts and all(isinstance(x, pa.Array) for x in parts) and len({x.type for x in parts}) == 1:
         encoded = pa.concat_arrays(parts).dictionary_encode()
